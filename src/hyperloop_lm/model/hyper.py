@@ -1,0 +1,86 @@
+"""Hyper-connections: n parallel residual streams mixed by cheap input-dependent coefficients.
+
+One site, given the stream state y (..., n, C) and a function F:
+    z    = RMSNorm(flatten(y))                       (no gain), fp32
+    pre  = sigmoid(a_pre  * W_pre  z + b_pre)         (n)   how much each stream F reads
+    post = 2 sigmoid(a_post * W_post z + b_post)      (n)   how much of F's output each stream gets
+    res  = diagonal: sigmoid(a_res * W_res z + b_res) (n)   per-stream decay (Hyperloop default)
+           sinkhorn: Sinkhorn(a_res * mat(W_res z) + b_res) (n x n, doubly stochastic; mHC)
+           identity: 1                                      (no parameters)
+    y   <- res (x) y + post (x) F(sum_i pre_i y_i)
+
+Hyperloop uses one site per loop around the whole middle block (F = the block, spec 2.1); the mHC
+Transformer wraps every attention and MLP sub-layer in its own site (F = the sub-layer, spec 2.2).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hyperloop_lm.config import ModelConfig, logit
+
+
+def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
+    """Doubly-stochastic projection of (..., n, n) logits: exp (max-subtracted), then `iters` rounds of
+    column then row normalisation, in fp32."""
+    m = (logits.float() - logits.float().amax(dim=(-2, -1), keepdim=True)).exp()
+    for _ in range(iters):
+        m = m / m.sum(dim=-2, keepdim=True)  # columns
+        m = m / m.sum(dim=-1, keepdim=True)  # rows
+    return m
+
+
+class HyperConnection(nn.Module):
+    def __init__(self, n: int, dim: int, res_kind: str, *, gate_init: float, pre_bias: float,
+                 weight_std: float, res_offdiag: float, sinkhorn_iters: int, eps: float):
+        super().__init__()
+        self.n, self.dim, self.res_kind, self.sinkhorn_iters, self.eps = n, dim, res_kind, sinkhorn_iters, eps
+        res_rows = {"diagonal": n, "sinkhorn": n * n, "identity": 0}[res_kind]
+        self.weight = nn.Parameter(torch.randn(2 * n + res_rows, n * dim) * weight_std)  # [W_pre; W_post; W_res]
+        res_bias = torch.zeros(res_rows)
+        if res_kind == "sinkhorn":  # mild identity: strongly negative off-diagonals would freeze H_res
+            res_bias = torch.full((n, n), res_offdiag).fill_diagonal_(0.0).flatten()
+        self.bias = nn.Parameter(torch.cat([torch.full((n,), pre_bias), torch.zeros(n), res_bias]))
+        self.gate = nn.Parameter(torch.full((2 + (res_rows > 0),), gate_init))  # a_pre, a_post[, a_res]
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, res_kind: str) -> "HyperConnection":
+        n = cfg.n_streams
+        pre_bias = logit(1 / n) if cfg.hc_pre_bias_init == "logit_inv_n" and n > 1 else 0.0
+        return cls(n, cfg.d_model, res_kind, gate_init=cfg.hc_gate_init, pre_bias=pre_bias,
+                   weight_std=cfg.hc_weight_init_std, res_offdiag=cfg.hc_res_offdiag_init,
+                   sinkhorn_iters=cfg.sinkhorn_iters, eps=cfg.norm_eps)
+
+    @classmethod
+    def for_mhc(cls, cfg: ModelConfig) -> "HyperConnection":
+        return cls.from_config(cfg, "sinkhorn")
+
+    def coefficients(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """pre (..., n), post (..., n), res (..., n) | (..., n, n) | None, all fp32, from y (..., n, C)."""
+        n = self.n
+        with torch.autocast(device_type=y.device.type, enabled=False):
+            z = F.rms_norm(y.flatten(-2).float(), (n * self.dim,), eps=self.eps)
+            h = F.linear(z, self.weight.float())  # (..., rows)
+            gate, bias = self.gate.float(), self.bias.float()
+            pre = torch.sigmoid(gate[0] * h[..., :n] + bias[:n])
+            post = 2 * torch.sigmoid(gate[1] * h[..., n : 2 * n] + bias[n : 2 * n])
+            res = None
+            if self.res_kind != "identity":
+                r = gate[2] * h[..., 2 * n :] + bias[2 * n :]
+                res = torch.sigmoid(r) if self.res_kind == "diagonal" else sinkhorn(r.unflatten(-1, (n, n)), self.sinkhorn_iters)
+        return pre, post, res
+
+    def forward(self, y: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """y: (..., n, C) -> (..., n, C)."""
+        pre, post, res = self.coefficients(y)
+        u = fn(torch.einsum("...n,...nc->...c", pre.to(y.dtype), y))  # F reads one weighted sum
+        if res is None:
+            mixed = y
+        elif res.dim() == pre.dim():
+            mixed = res.to(y.dtype).unsqueeze(-1) * y  # diagonal decay
+        else:
+            mixed = torch.einsum("...ij,...jc->...ic", res.to(y.dtype), y)
+        return mixed + post.to(y.dtype).unsqueeze(-1) * u.unsqueeze(-2)

@@ -1,0 +1,50 @@
+"""Small shared helpers: the data directory, atomic writes, user-facing errors."""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+
+class UserError(Exception):
+    """An expected mistake by the user (bad config, missing file...). The CLI prints it as one line."""
+
+
+def data_dir() -> Path:
+    """Where corpora, tokenizers and token shards are cached (env HYPERLOOP_LM_DATA overrides)."""
+    root = os.environ.get("HYPERLOOP_LM_DATA") or Path.home() / ".cache" / "hyperloop-lm"
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; it replaces `path` only if the block finishes.
+
+    A crash mid-write leaves the previous file untouched (rename is atomic on POSIX).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def closest(name: str, valid: Iterable[str]) -> str:
+    """' (did you mean X?)' for the nearest valid name, or '' if nothing is close."""
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
