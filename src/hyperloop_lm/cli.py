@@ -1,6 +1,8 @@
 """hyperloop-lm: one command, several verbs.
 
     hyperloop-lm info --preset 240m-hyperloop     accounting table (params, FLOPs, KV cache, weight bytes)
+    hyperloop-lm train --config configs/tiny-hyperloop.yaml [--key value ...]
+    hyperloop-lm eval --checkpoint runs/NAME      held-out perplexity and bits-per-byte
     hyperloop-lm demo                             the end-to-end demo (what `make demo` runs)
 
 Run `hyperloop-lm VERB --help` for each verb's options. Expected mistakes (bad config, missing files)
@@ -107,6 +109,68 @@ def format_info(rows: dict[str, dict[str, Any]]) -> str:
     for label, fn in spec:
         body.append([label, *(fn(s) for s in rows.values())])
     return markdown_table(["", *rows], body)
+
+
+# ---------------------------------------------------------------------------------------------- train
+@verb("train")
+def _train(p: argparse.ArgumentParser):
+    from hyperloop_lm.train.config import TrainConfig
+
+    p.description = ("Train a model on a corpus. Settings come from --config FILE.yaml (see configs/), then "
+                     "--key value overrides of any train-config field, and --model.FIELD value overrides of the "
+                     "model preset. Resumes automatically from out_dir's latest checkpoint (--resume never to "
+                     "start over). Multi-process: torchrun --nproc_per_node N -m hyperloop_lm.cli train ...")
+    p.add_argument("--config", help="YAML file of train-config fields")
+    p.epilog = "train-config fields (see hyperloop_lm/train/config.py for their meaning): " + ", ".join(
+        f.name for f in __import__("dataclasses").fields(TrainConfig))
+    p.set_defaults(accepts_overrides=True)
+
+    def run(a):
+        from hyperloop_lm.train.trainer import train
+
+        cfg = TrainConfig.load(a.config, parse_overrides(a.overrides))
+        summary = train(cfg)
+        if summary["val"]:
+            v = summary["val"]
+            print(f"done: val loss {v['loss']:.4f}, ppl {v['ppl']:.2f}, bpb {v['bpb']:.4f} -> {cfg.out_dir}")
+
+    return run
+
+
+@verb("eval")
+def _eval(p: argparse.ArgumentParser):
+    p.description = ("Held-out perplexity and bits-per-byte of a checkpoint on its corpus' validation split "
+                     "(or --corpus). --tasks runs zero-shot tasks instead (see docs).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
+    p.add_argument("--corpus", help="corpus to evaluate on (default: the one the model was trained on)")
+    p.add_argument("--tokens", type=int, default=None, help="cap on held-out tokens (default: the whole split)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=None, help="default: the training sequence length")
+    p.add_argument("--loops", type=int, default=None, help="run the middle block this many times")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+
+    def run(a):
+        import json
+
+        from hyperloop_lm.data import build_shards, load_corpus
+        from hyperloop_lm.eval.perplexity import evaluate
+        from hyperloop_lm.train.checkpoint import load_model
+        from hyperloop_lm.train.trainer import pick_device
+
+        model, tok, meta = load_model(a.checkpoint, pick_device(a.device))
+        if tok is None:
+            raise UserError(f"{a.checkpoint} has no tokenizer.json; cannot encode the held-out text")
+        corpus = load_corpus(a.corpus or meta["train"]["corpus"])
+        val = build_shards(corpus, tok, splits=("val",))["val"]
+        seq = a.seq_len or meta["train"]["seq_len"]
+        res = evaluate(model, val, seq, a.batch_size, a.tokens, progress=True, loops=a.loops)
+        res.update(checkpoint=str(a.checkpoint), corpus=corpus.name)
+        print(json.dumps(res, indent=2) if a.json else
+              f"{corpus.name} held-out: loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  bpb {res['bpb']:.4f}  "
+              f"({res['tokens']:,} tokens)")
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- demo

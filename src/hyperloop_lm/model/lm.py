@@ -80,7 +80,7 @@ class LM(nn.Module):
                             f"max {int(idx.max())} (was the text encoded with this model's tokenizer?)")
 
     def forward(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None, cache=None,
-                loops: int | None = None, trace: list | None = None) -> torch.Tensor:
+                loops: int | None = None, trace: list | None = None, grad_last_loops: int | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V).
 
         attention_mask: (B, S) with 1 for real tokens, 0 for (left) padding, S = cached + new tokens.
@@ -89,6 +89,8 @@ class LM(nn.Module):
             beyond the trained count reuse the last loop's.
         trace: if a list, receives (stage, virtual layer, loop, hidden) after every layer and
             ("streams", site, loop, y) after every loop-level HC site, for analysis.
+        grad_last_loops: truncated backprop through loops: gradients flow only through the last k loops
+            (the state entering loop L-k is detached, so earlier loops and the begin block get none).
         """
         B, T = idx.shape
         ctx = self._context(B, T, idx.device, attention_mask, cache)
@@ -100,7 +102,7 @@ class LM(nn.Module):
             x = blk(x, ctx, v)
             self._trace(trace, "begin", v, 0, x)
             v += 1
-        x, v = self._middle(x, ctx, v, self.cfg.loops if loops is None else loops, trace)
+        x, v = self._middle(x, ctx, v, self.cfg.loops if loops is None else loops, trace, grad_last_loops)
         for blk in self.end:
             x = blk(x, ctx, v)
             self._trace(trace, "end", v, 0, x)
@@ -111,7 +113,8 @@ class LM(nn.Module):
             cache.advance(T)
         return self.head(self.norm(x))
 
-    def _middle(self, x: torch.Tensor, ctx: ForwardContext, v: int, loops: int, trace: list | None):
+    def _middle(self, x: torch.Tensor, ctx: ForwardContext, v: int, loops: int, trace: list | None,
+                grad_last_loops: int | None = None):
         cfg = self.cfg
         if cfg.n_middle == 0 or loops == 0:
             return x, v
@@ -119,8 +122,11 @@ class LM(nn.Module):
             raise UserError(f"loop override needs HC sites aligned with loops (hc_every={cfg.hc_every} spans "
                             f"{cfg.hc_span} layers, the middle block has {cfg.n_middle})")
         steps = [(l, j) for l in range(loops) for j in range(cfg.n_middle)]  # the unrolled middle
+        cut = (loops - grad_last_loops, 0) if grad_last_loops and grad_last_loops < loops else None
         if cfg.connection != "loop_hc":
             for i, (l, j) in enumerate(steps):
+                if (l, j) == cut:
+                    x = x.detach()
                 x = self.middle[j](x, ctx, v + i, loop=l)
                 self._trace(trace, "middle", v + i, l, x)
                 if j == cfg.n_middle - 1 and self.loop_embed is not None:
@@ -141,6 +147,8 @@ class LM(nn.Module):
                     h = h - h_in
                 return h if self.loop_embed is None else h + self.loop_embed[site]
 
+            if seg[0] == cut:
+                y = y.detach()
             y = self.hc[site](y, run)
             if trace is not None:
                 trace.append(("streams", s, seg[-1][0], y))
@@ -174,11 +182,7 @@ class LM(nn.Module):
             mask = ((causal & keep[:, None, :]) | own)[:, None]  # (B, 1, T, S)
         return ForwardContext(self.rope_cos[pos], self.rope_sin[pos], mask, cache)
 
-    # ------------------------------------------------------------------ parameter groups
-    def no_decay_names(self) -> set[str]:
-        """Parameters trained without weight decay: norms, HC params, loop embeddings, anything 1-D."""
-        return {n for n, p in self.named_parameters() if p.dim() < 2 or n.startswith(("hc.", "loop_embed")) or "_hc." in n}
-
+    # ------------------------------------------------------------------ counting
     def num_params(self, include_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n if include_embedding else n - self.embed.weight.numel()

@@ -1,0 +1,58 @@
+"""Shared fixtures: an isolated data cache and a small English-like training corpus."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = ("the state of union nation people congress year war peace law trade whale ship sea captain "
+         "king queen lord love night day house city river money work government freedom justice time "
+         "good great new old first last long little own other right high small large next early young "
+         "said made went came took found gave told asked called thought knew felt seemed became left").split()
+
+
+def make_text(rng: random.Random, n_sentences: int) -> str:
+    """English-looking paragraphs: capitalized sentences of common words, some punctuation."""
+    paragraphs, sentences = [], []
+    for i in range(n_sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(6, 16))]
+        if rng.random() < 0.3:
+            words[rng.randrange(1, len(words))] += ","
+        sentences.append(" ".join(words).capitalize() + rng.choice(".....?!"))
+        if rng.random() < 0.25 or i == n_sentences - 1:
+            paragraphs.append(" ".join(sentences))
+            sentences = []
+    return "\n\n".join(paragraphs) + "\n"
+
+
+@pytest.fixture(scope="session")
+def train_corpus(tmp_path_factory) -> Path:
+    """~250 KB in 40 documents: enough for a micro model to take a few batches and a val split."""
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("train_corpus")
+    for i in range(40):
+        (root / f"doc{i:02d}.txt").write_text(make_text(rng, 60))
+    return root
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def cache_env(session_cache, monkeypatch) -> Path:
+    """Tokenizers and shards are cached per session (tests reuse them), never under ~/.cache."""
+    monkeypatch.setenv("HYPERLOOP_LM_DATA", str(session_cache))
+    return session_cache
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    """Bit-exact comparisons need the same intra-op thread count everywhere."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
