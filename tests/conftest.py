@@ -56,3 +56,33 @@ def _deterministic_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def trained_runs(train_corpus, session_cache, tmp_path_factory) -> dict[str, Path]:
+    """Micro models of all four families trained briefly on the fixture corpus: family -> run dir.
+    Each run dir holds checkpoints/step-*/ (weights, tokenizer, meta) and summary.json."""
+    import os
+
+    from hyperloop_lm.config import FAMILIES
+    from hyperloop_lm.train.config import TrainConfig
+    from hyperloop_lm.train.trainer import train
+
+    old = os.environ.get("HYPERLOOP_LM_DATA")
+    os.environ["HYPERLOOP_LM_DATA"] = str(session_cache)
+    root, runs, threads = tmp_path_factory.mktemp("runs"), {}, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for family in FAMILIES:
+            out = root / family
+            train(TrainConfig(model=f"micro-{family}", corpus=str(train_corpus), vocab_size=300, seq_len=32,
+                              batch_size=8, tokens=8 * 32 * 30, eval_every=0, eval_tokens=4096, ckpt_every=0,
+                              out_dir=str(out), progress=False, tensorboard=False, lr=3e-3))
+            runs[family] = out
+    finally:
+        torch.set_num_threads(threads)
+        if old is None:
+            os.environ.pop("HYPERLOOP_LM_DATA", None)
+        else:
+            os.environ["HYPERLOOP_LM_DATA"] = old
+    return runs
