@@ -187,6 +187,8 @@ _SCALES = {
     # CPU scales keep the paper's structure: the looped models have ~half the unique layers
     "tiny": (128, 4, 4096, 256, 8, 1, 2, 1, 3),
     "small": (256, 8, 8192, 256, 16, 2, 4, 2, 3),
+    # gpu-small: the reproduction scale for a single GPU (paper structure at d512)
+    "gpu-small": (512, 8, 8192, 1024, 16, 2, 4, 2, 3),
     # micro: for tests and the end-to-end pipeline check (seconds)
     "micro": (64, 2, 512, 64, 4, 1, 1, 1, 2),
 }

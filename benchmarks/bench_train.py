@@ -1,0 +1,60 @@
+"""Train-step throughput of the four families at the same unrolled depth and width.
+
+Timings of the families are interleaved (one step of each, round-robin) so that machine noise hits
+all of them alike; we report the median over repetitions and the ratio to the Transformer.
+Targets (issue 4): Hyperloop >= 0.95x, mHC >= 0.80x (the paper's plain-PyTorch mHC reached 0.65x).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hyperloop_lm.config import FAMILIES, get_preset
+from hyperloop_lm.model.lm import LM
+
+TARGETS = {"hyperloop": 0.95, "mhc": 0.80}
+
+
+def run(quick: bool = False, scale: str = "tiny", batch: int = 8, seq_len: int = 256) -> dict:
+    torch.manual_seed(0)
+    reps = 3 if quick else 8
+    setups = {}
+    for family in FAMILIES:
+        cfg = get_preset(f"{scale}-{family}")
+        model = LM(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+        setups[family] = (model, opt, x)
+
+    def step(family: str) -> float:
+        model, opt, x = setups[family]
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for family in FAMILIES:  # warm-up
+        step(family)
+    times = {f: [] for f in FAMILIES}
+    for _ in range(reps):
+        for family in FAMILIES:
+            times[family].append(step(family))
+    tok = batch * seq_len
+    tok_s = {f: tok / statistics.median(t) for f, t in times.items()}
+    ratio = {f: tok_s[f] / tok_s["transformer"] for f in FAMILIES}
+    return {
+        "benchmark": "train_step", "scale": scale, "batch": batch, "seq_len": seq_len, "reps": reps,
+        "threads": torch.get_num_threads(), "tok_s": tok_s, "ratio_to_transformer": ratio,
+        "targets": TARGETS, "meets_targets": {f: ratio[f] >= t for f, t in TARGETS.items()},
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(), indent=2))

@@ -1,0 +1,53 @@
+"""`make bench`: run every benchmark, write reports/bench/<name>.json and reports/bench/summary.md.
+
+    python -m benchmarks.run [--quick] [--only train_step,decode]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from hyperloop_lm.utils import atomic_write_text
+
+BENCHMARKS = {"train_step": "benchmarks.bench_train", "decode": "benchmarks.bench_decode"}
+OUT = Path("reports/bench")
+
+
+def summarize(name: str, r: dict) -> list[str]:
+    lines = [f"## {name}", ""]
+    if "ratio_to_transformer" in r:
+        lines += ["| family | tok/s | ratio to Transformer | target |", "|---|---|---|---|"]
+        for f, v in r["tok_s"].items():
+            target = r.get("targets", {}).get(f)
+            lines.append(f"| {f} | {v:.0f} | {r['ratio_to_transformer'][f]:.3f} | {'>= %.2f' % target if target else ''} |")
+    else:
+        lines.append("```json\n" + json.dumps(r, indent=2)[:3000] + "\n```")
+    return lines + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--only", help="comma-separated subset of: " + ", ".join(BENCHMARKS))
+    a = ap.parse_args()
+    names = a.only.split(",") if a.only else list(BENCHMARKS)
+    OUT.mkdir(parents=True, exist_ok=True)
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+               "threads": torch.get_num_threads()}
+    md = ["# Benchmarks", "", f"Machine: `{json.dumps(machine)}`", "", "Command: `make bench`", ""]
+    for name in names:
+        module = importlib.import_module(BENCHMARKS[name])
+        result = {"machine": machine, **module.run(quick=a.quick)}
+        atomic_write_text(OUT / f"{name}.json", json.dumps(result, indent=2))
+        md += summarize(name, result)
+        print(f"{name}: written to {OUT / (name + '.json')}")
+    atomic_write_text(OUT / "summary.md", "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

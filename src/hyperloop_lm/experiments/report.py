@@ -1,0 +1,235 @@
+"""Render reports/reproduce/**/*.json into docs/reproduction.md (+ PNG plots in docs/img/).
+
+Tables show mean +- std over seeds and, where a suite has a reference cell, the *paired* difference
+(same seed, same data order) with a 95% t-interval. Every section prints the command that made it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from hyperloop_lm.utils import atomic_write_text
+from hyperloop_lm.utils_format import fmt_count, markdown_table
+
+# Paper Table 1 at 240M (PPL bf16 / PPL GPTQ-INT4), for the side-by-side direction check.
+PAPER_240M = {"transformer": (14.65, 14.85), "mhc": (14.55, 14.73), "looped": (14.85, 15.18),
+              "hyperloop": (14.40, 14.68)}
+FAMILY_ORDER = ("transformer", "mhc", "looped", "hyperloop")
+
+
+def load_results(root: Path) -> dict[tuple[str, str], dict[str, list[dict]]]:
+    """(suite, scale) -> cell -> results sorted by seed."""
+    out: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for path in sorted(Path(root).glob("*/*/*.json")):
+        r = json.loads(path.read_text())
+        out[(r["suite"], r["scale"])][r["cell"]].append(r)
+    for cellmap in out.values():
+        for rs in cellmap.values():
+            rs.sort(key=lambda r: r["seed"])
+    return out
+
+
+def mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
+    return f"{statistics.mean(xs):.2f} +- {statistics.stdev(xs):.2f}"
+
+
+def paired_diff(a: list[dict], b: list[dict], key=lambda r: r["val"]["ppl"]) -> tuple[float, float, float, int] | None:
+    """Mean of key(a_seed) - key(b_seed) over seeds both have, with a 95% t-interval (nan if 1 seed)."""
+    from scipy import stats
+
+    bs = {r["seed"]: key(r) for r in b}
+    d = [key(r) - bs[r["seed"]] for r in a if r["seed"] in bs]
+    if not d:
+        return None
+    m = statistics.mean(d)
+    if len(d) < 2:
+        return m, math.nan, math.nan, 1
+    h = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return m, m - h, m + h, len(d)
+
+
+def fmt_diff(d) -> str:
+    if d is None:
+        return "-"
+    m, lo, hi, n = d
+    return f"{m:+.2f}" if n < 2 else f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def ppls(rs: list[dict]) -> list[float]:
+    return [r["val"]["ppl"] for r in rs]
+
+
+def _int4(r: dict) -> float | None:
+    q = (r.get("post") or {}).get("int4")
+    return q.get("ppl_after") if q else None
+
+
+def _plot(path: Path, draw) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    draw(ax)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def section_table1(scale: str, cellmap: dict[str, list[dict]], img: Path) -> list[str]:
+    fams = [f for f in FAMILY_ORDER if f in cellmap]
+    ref = cellmap.get("transformer", [])
+    rows = []
+    tok_ref = statistics.mean([r["train_tok_s"] for r in ref]) if ref else None
+    for f in fams:
+        rs = cellmap[f]
+        q = [x for x in (_int4(r) for r in rs) if x]
+        tok = statistics.mean([r["train_tok_s"] for r in rs])
+        rows.append([f, fmt_count(rs[0]["unique_params"]), fmt_count(rs[0]["total_params"]), mean_std(ppls(rs)),
+                     mean_std([r["val"]["bpb"] for r in rs]), mean_std(q) if q else "-",
+                     f"{tok / tok_ref:.2f}" if tok_ref else "-", fmt_diff(paired_diff(rs, ref)) if f != "transformer" else "0",
+                     len(rs), "%.2f / %.2f" % PAPER_240M[f]])
+    lines = [markdown_table(["family", "unique params", "total params", "val ppl", "bpb", "GPTQ-INT4 ppl",
+                             "train tok/s ratio", "ppl diff vs Transformer [95% CI]", "seeds", "paper 240M ppl / INT4"],
+                            rows), ""]
+
+    def curves(ax):
+        for f in fams:
+            for i, r in enumerate(cellmap[f]):
+                h = r["history"]
+                ax.plot([p["tokens"] / 1e6 for p in h], [p["loss"] for p in h], color=f"C{FAMILY_ORDER.index(f)}",
+                        alpha=0.8, label=f if i == 0 else None)
+        ax.set_xlabel("training tokens (M)")
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.legend()
+
+    def params(ax):
+        for f in fams:
+            rs = cellmap[f]
+            ax.errorbar(rs[0]["unique_params"] / 1e6, statistics.mean(ppls(rs)),
+                        yerr=statistics.stdev(ppls(rs)) if len(rs) > 1 else 0, fmt="o", label=f,
+                        color=f"C{FAMILY_ORDER.index(f)}")
+        ax.set_xlabel("unique parameters (M, paper convention)")
+        ax.set_ylabel("held-out perplexity")
+        ax.legend()
+
+    def int4(ax):
+        xs = [f for f in fams if any(_int4(r) for r in cellmap[f])]
+        ax.bar(xs, [statistics.mean([_int4(r) - r["val"]["ppl"] for r in cellmap[f] if _int4(r)]) for f in xs],
+               color=[f"C{FAMILY_ORDER.index(f)}" for f in xs])
+        ax.set_ylabel("perplexity increase from GPTQ INT4 g128")
+
+    names = [_plot(img / f"table1-{scale}-loss.png", curves), _plot(img / f"table1-{scale}-params.png", params)]
+    if any(_int4(r) for rs in cellmap.values() for r in rs):
+        names.append(_plot(img / f"table1-{scale}-int4.png", int4))
+    lines += [f"![{n}](img/{n})" for n in names] + [""]
+    return lines
+
+
+def section_cells(suite: str, scale: str, cellmap: dict[str, list[dict]], ref_cell: str) -> list[str]:
+    ref = cellmap.get(ref_cell, [])
+    rows = []
+    for name, rs in cellmap.items():
+        m = rs[0]["model"]
+        sched = f"{m['n_begin']}-{m['n_middle']}x{m['loops']}-{m['n_end']}" if m["n_middle"] else f"{m['n_begin']}L"
+        rows.append([name, rs[0]["family"], sched, fmt_count(rs[0]["unique_params"]), mean_std(ppls(rs)),
+                     fmt_diff(paired_diff(rs, ref)) if name != ref_cell else "ref", len(rs)])
+    return [markdown_table(["cell", "family", "schedule", "unique params", "val ppl", f"diff vs {ref_cell} [95% CI]",
+                            "seeds"], rows), ""]
+
+
+def section_loops(scale: str, cellmap: dict[str, list[dict]], img: Path) -> list[str]:
+    lines = section_cells("loops", scale, cellmap, "loops3")
+
+    def trained(ax):
+        for fam, prefix in (("hyperloop", "loops"), ("looped", "looped_loops")):
+            pts = sorted((int(n[len(prefix):]), statistics.mean(ppls(rs))) for n, rs in cellmap.items()
+                         if n.startswith(prefix) and n[len(prefix):].isdigit())
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=fam)
+        ax.set_xlabel("loops (trained)")
+        ax.set_ylabel("held-out perplexity")
+        ax.legend()
+
+    def override(ax):
+        for n, rs in sorted(cellmap.items()):
+            p = (rs[0].get("post") or {}).get("loops")
+            if p:
+                ks = sorted(p["by_loops"], key=int)
+                ax.plot([int(k) for k in ks], [p["by_loops"][k]["ppl"] for k in ks], "o-", label=f"{n} (trained {p['trained_loops']})")
+        ax.set_xlabel("loops at inference")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+
+    lines += [f"![](img/{_plot(img / f'loops-{scale}-trained.png', trained)})",
+              f"![](img/{_plot(img / f'loops-{scale}-override.png', override)})", ""]
+    return lines
+
+
+def section_analysis(scale: str, cellmap: dict[str, list[dict]], img: Path) -> list[str]:
+    rows, lens = [], {}
+    for name, rs in cellmap.items():
+        a = (rs[0].get("post") or {}).get("analysis")
+        if not a:
+            continue
+        rows.append([name, *(f"{k}: {v:.3f}" for k, v in a["cross_loop_cosine"].items())])
+        lens[name] = a["logit_lens"]
+    if not rows:
+        return []
+    width = max(len(r) for r in rows)
+    lines = ["Cross-loop cosine similarity of the same middle layer's output (mean over layers and tokens; "
+             "pairs of loops):", "", markdown_table(["model", *[""] * (width - 1)], [r + [""] * (width - len(r)) for r in rows]), ""]
+
+    def draw(ax):
+        for name, ls in lens.items():
+            pts = [(p["index"], p["loss"]) for p in ls if p["stage"] != "streams"]
+            ax.plot(*zip(*pts), "o-", ms=3, label=name)
+            sp = [(p["index"], p["loss"]) for p in ls if p["stage"] == "streams"]
+            if sp:
+                ax.plot(*zip(*sp), "s", ms=6, mfc="none", label=f"{name} (stream mean after each HC site)")
+        ax.set_xlabel("virtual layer (unrolled depth) / HC site")
+        ax.set_ylabel("logit-lens loss")
+        ax.legend(fontsize=7)
+
+    lines += [f"![](img/{_plot(img / f'analysis-{scale}-logit-lens.png', draw)})", ""]
+    return lines
+
+
+def render_report(results_root: Path = Path("reports/reproduce"), docs: Path = Path("docs/reproduction.md")) -> Path:
+    results = load_results(results_root)
+    img = docs.parent / "img"
+    out = ["# Reproduction at our scale", "",
+           "Generated by `hyperloop-lm reproduce` from the result files under `reports/reproduce/` "
+           "(re-render with `hyperloop-lm reproduce --render-only`). Perplexities are on the held-out split of the "
+           "bundled english-mix corpus; mean +- std over seeds; differences are paired by seed with a 95% "
+           "t-interval (none with one seed). The paper ran one seed per cell.", ""]
+    for (suite, scale), cellmap in sorted(results.items()):
+        cmd = next(iter(cellmap.values()))[0].get("command") or f"hyperloop-lm reproduce --suite {suite} --scale {scale}"
+        n_seeds = max(len(rs) for rs in cellmap.values())
+        out += [f"## {suite} @ {scale}", "", f"Command: `{cmd}` ({n_seeds} seed(s) present)", ""]
+        if suite == "table1":
+            out += section_table1(scale, cellmap, img)
+        elif suite == "loops":
+            out += section_loops(scale, cellmap, img)
+        elif suite == "analysis":
+            out += section_analysis(scale, cellmap, img)
+        else:
+            out += section_cells(suite, scale, cellmap, "hyperloop" if suite == "ablations" else
+                                 next(iter(cellmap)))
+        if suite in ("table1", "analysis"):
+            out += section_analysis(scale, cellmap, img) if suite == "table1" else []
+    atomic_write_text(docs, "\n".join(out) + "\n")
+    return docs

@@ -1,0 +1,164 @@
+"""`hyperloop-lm reproduce`: run a suite's cells x seeds, resumably, and collect small result files.
+
+    runs/reproduce/<suite>/<scale>/<cell>/seed<k>/     training run (checkpoints; not committed)
+    reports/reproduce/<suite>/<scale>/<cell>__seed<k>.json   the cell's result (committed)
+
+A cell whose result file exists is skipped; an interrupted cell resumes from its last checkpoint.
+So a long suite can be spread over several sittings: rerun the same command.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hyperloop_lm.experiments.suites import SCALES, Cell, cells
+from hyperloop_lm.utils import UserError, atomic_write_text
+
+RUNS = Path("runs/reproduce")
+RESULTS = Path("reports/reproduce")
+
+
+def cell_config(suite: str, scale: str, cell: Cell, seed: int, runs_root: Path = RUNS, corpus: str | None = None):
+    from hyperloop_lm.train.config import TrainConfig
+
+    sc = SCALES[scale]
+    data = {"corpus": corpus} if corpus else {}
+    return TrainConfig(model=f"{sc.preset}-{cell.family}", model_overrides=dict(cell.model),
+                       **{**sc.train, **cell.train, **data}, seed=seed, progress=False,
+                       out_dir=str(runs_root / suite / scale / cell.name / f"seed{seed}"))
+
+
+def result_path(suite: str, scale: str, cell: Cell, seed: int, results_root: Path = RESULTS) -> Path:
+    return results_root / suite / scale / f"{cell.name}__seed{seed}.json"
+
+
+def run_cell(suite: str, scale: str, cell: Cell, seed: int, *, runs_root: Path = RUNS, results_root: Path = RESULTS,
+             command: str = "", corpus: str | None = None) -> dict[str, Any]:
+    """Train (or resume) one cell, run its post-training measurements, write its result file."""
+    from hyperloop_lm.train.trainer import train
+
+    cfg = cell_config(suite, scale, cell, seed, runs_root, corpus)
+    summary = train(cfg)
+    if summary["status"] != "finished":
+        return summary
+    post = {name: POST[name](cfg, scale) for name in cell.post if name in POST}
+    keep = ("status", "step", "tokens", "wall_s", "family", "model", "train", "unique_params", "total_params",
+            "hc_overhead", "train_tok_s", "mfu", "peak_mem_mb", "final_train_loss", "val", "best_val_loss", "git",
+            "machine", "corpus", "tokenizer")
+    result = {"suite": suite, "scale": scale, "cell": cell.name, "seed": seed, "command": command,
+              **{k: summary[k] for k in keep},
+              "history": [{k: h[k] for k in ("step", "tokens", "loss", "ppl", "bpb")} for h in summary["history"]],
+              "post": post}
+    atomic_write_text(result_path(suite, scale, cell, seed, results_root), json.dumps(result, indent=2))
+    return result
+
+
+# ------------------------------------------------------------------ post-training measurements
+def _load(cfg):
+    from hyperloop_lm.train.checkpoint import load_model
+
+    return load_model(cfg.out_dir)
+
+
+def _val_shard(cfg, tokenizer):
+    from hyperloop_lm.data import build_shards, load_corpus
+
+    return build_shards(load_corpus(cfg.corpus), tokenizer, splits=("val",))["val"]
+
+
+def post_int4(cfg, scale: str) -> dict[str, Any] | None:
+    """INT4 g128 GPTQ (embeddings kept): the paper's Table 1 quantized column."""
+    try:
+        from hyperloop_lm.quant.driver import quantize_checkpoint
+    except ImportError:
+        return None
+    out = Path(cfg.out_dir) / "int4-gptq"
+    calib = 16 if scale == "micro" else 128
+    return quantize_checkpoint(cfg.out_dir, out, method="gptq", bits=4, group_size=128, calib_seqs=calib,
+                               eval_tokens=cfg.eval_tokens)
+
+
+def post_loops(cfg, scale: str) -> dict[str, Any]:
+    """Held-out loss when the middle block runs K times at inference (K != trained loops: extrapolation)."""
+    from hyperloop_lm.eval.perplexity import evaluate
+
+    model, tok, meta = _load(cfg)
+    val = _val_shard(cfg, tok)
+    trained = model.cfg.loops
+    out = {}
+    for k in sorted({1, 2, trained, trained + 1, trained + 2, 2 * trained}):
+        out[str(k)] = evaluate(model, val, cfg.seq_len, batch_size=8, max_tokens=cfg.eval_tokens // 2, loops=k)
+    return {"trained_loops": trained, "by_loops": out}
+
+
+def post_analysis(cfg, scale: str) -> dict[str, Any]:
+    from hyperloop_lm.data.loader import SequentialLoader
+    from hyperloop_lm.eval.loop_analysis import analyze
+
+    model, tok, meta = _load(cfg)
+    x, y = next(iter(SequentialLoader(_val_shard(cfg, tok), 8, cfg.seq_len)))
+    return analyze(model, x, y)
+
+
+def post_zeroshot(cfg, scale: str) -> dict[str, Any] | None:
+    try:
+        from hyperloop_lm.eval.offline_tasks import run_offline_suite
+    except ImportError:
+        return None
+    return run_offline_suite(cfg.out_dir, limit=50 if scale == "micro" else None)
+
+
+POST = {"int4": post_int4, "loops": post_loops, "analysis": post_analysis, "zeroshot": post_zeroshot}
+
+
+# ------------------------------------------------------------------ the suite
+def _worker(args: tuple) -> str:
+    suite, scale, cell, seed, threads, runs_root, results_root, command, corpus = args
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    r = run_cell(suite, scale, cell, seed, runs_root=runs_root, results_root=results_root, command=command,
+                 corpus=corpus)
+    val = r.get("val") or {}
+    return f"{cell.name} seed {seed}: val ppl {val.get('ppl', float('nan')):.2f} ({time.perf_counter() - t0:.0f}s)"
+
+
+def reproduce(suite: str, scale: str, seeds: int = 1, workers: int = 1, only: list[str] | None = None,
+              runs_root: Path = RUNS, results_root: Path = RESULTS, render: bool = True,
+              corpus: str | None = None, docs: Path = Path("docs/reproduction.md")) -> list[Path]:
+    if scale not in SCALES:
+        raise UserError(f"unknown scale '{scale}'; choose from {', '.join(SCALES)}")
+    if scale in ("gpu-small", "paper-240m") and not torch.cuda.is_available():
+        raise UserError(f"scale {scale} needs a GPU (torch.cuda.is_available() is False); use cpu-tiny or cpu-small")
+    suite_cells = cells(suite, SCALES[scale].preset)
+    if only:
+        suite_cells = [c for c in suite_cells if c.name in only]
+    command = "hyperloop-lm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("hyperloop-lm") \
+        else f"hyperloop-lm reproduce --suite {suite} --scale {scale} --seeds {seeds}"
+    todo = [(c, s) for s in range(seeds) for c in suite_cells
+            if not result_path(suite, scale, c, s, results_root).exists()]  # seed-major: balanced partial results
+    done = len(suite_cells) * seeds - len(todo)
+    print(f"reproduce {suite} @ {scale}: {len(suite_cells)} cells x {seeds} seeds, {done} done, {len(todo)} to run")
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else torch.get_num_threads()
+    jobs = [(suite, scale, c, s, threads, runs_root, results_root, command, corpus) for c, s in todo]
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for msg in pool.imap_unordered(_worker, jobs):
+                print(msg, flush=True)
+    else:
+        for job in jobs:
+            print(_worker(job), flush=True)
+    paths = sorted((results_root / suite / scale).glob("*.json"))
+    if render:
+        from hyperloop_lm.experiments.report import render_report
+
+        render_report(results_root, docs)
+    return paths

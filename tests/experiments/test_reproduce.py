@@ -1,0 +1,39 @@
+"""The reproduction pipeline end to end at micro scale: train, post-measure, resume-skip, render."""
+import json
+
+from hyperloop_lm.experiments.report import paired_diff, render_report
+from hyperloop_lm.experiments.reproduce import reproduce
+from hyperloop_lm.experiments.suites import SCALES, cells
+
+
+def test_reproduce_micro_end_to_end(train_corpus, cache_env, tmp_path):
+    kw = dict(runs_root=tmp_path / "runs", results_root=tmp_path / "results", corpus=str(train_corpus),
+              docs=tmp_path / "docs" / "reproduction.md")
+    paths = reproduce("table1", "micro", seeds=2, only=["transformer", "hyperloop"], **kw)
+    assert len(paths) == 4
+    r = json.loads(paths[0].read_text())
+    assert r["val"]["ppl"] > 1 and r["history"] and r["git"] and r["machine"]
+    assert "analysis" in r["post"]
+    before = {p: p.stat().st_mtime for p in paths}
+    reproduce("table1", "micro", seeds=2, only=["transformer", "hyperloop"], **kw)  # all finished: skipped
+    assert {p: p.stat().st_mtime for p in paths} == before
+    doc = (tmp_path / "docs" / "reproduction.md").read_text()
+    assert "## table1 @ micro" in doc and "hyperloop" in doc and "[" in doc  # a paired CI with 2 seeds
+    assert list((tmp_path / "docs" / "img").glob("*.png"))
+
+
+def test_paired_diff_interval():
+    a = [{"seed": s, "val": {"ppl": 10 + s}} for s in range(3)]
+    b = [{"seed": s, "val": {"ppl": 11 + s}} for s in range(3)]
+    m, lo, hi, n = paired_diff(a, b)
+    assert (m, lo, hi, n) == (-1, -1, -1, 3)
+
+
+def test_every_suite_builds_cells_at_every_cpu_scale():
+    for scale in ("micro", "cpu-tiny", "cpu-small"):
+        for suite in ("table1", "ablations", "loops", "recipes", "analysis"):
+            cs = cells(suite, SCALES[scale].preset)
+            assert cs and len({c.name for c in cs}) == len(cs)
+    names = {c.name for c in cells("ablations", "small")}
+    assert {"middle3x4", "middle2x6", "hc_every1", "hres_sinkhorn", "hres_identity", "looped_lora4",
+            "uniform_hyperloop"} <= names
