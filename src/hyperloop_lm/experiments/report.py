@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperloop_lm.utils import atomic_write_text
-from hyperloop_lm.utils_format import fmt_count, markdown_table
+from hyperloop_lm.utils_format import fmt_bytes, fmt_count, markdown_table
 
 # Paper Table 1 at 240M (PPL bf16 / PPL GPTQ-INT4), for the side-by-side direction check.
 PAPER_240M = {"transformer": (14.65, 14.85), "mhc": (14.55, 14.73), "looped": (14.85, 15.18),
@@ -144,10 +144,12 @@ def section_cells(suite: str, scale: str, cellmap: dict[str, list[dict]], ref_ce
     for name, rs in cellmap.items():
         m = rs[0]["model"]
         sched = f"{m['n_begin']}-{m['n_middle']}x{m['loops']}-{m['n_end']}" if m["n_middle"] else f"{m['n_begin']}L"
+        opt = rs[0].get("optimizer_state_bytes")
         rows.append([name, rs[0]["family"], sched, fmt_count(rs[0]["unique_params"]), mean_std(ppls(rs)),
-                     fmt_diff(paired_diff(rs, ref)) if name != ref_cell else "ref", len(rs)])
+                     fmt_diff(paired_diff(rs, ref)) if name != ref_cell else "ref",
+                     f"{statistics.mean(r['train_tok_s'] for r in rs):.0f}", fmt_bytes(opt) if opt else "-", len(rs)])
     return [markdown_table(["cell", "family", "schedule", "unique params", "val ppl", f"diff vs {ref_cell} [95% CI]",
-                            "seeds"], rows), ""]
+                            "train tok/s", "optimizer state", "seeds"], rows), ""]
 
 
 def section_loops(scale: str, cellmap: dict[str, list[dict]], img: Path) -> list[str]:

@@ -50,7 +50,7 @@ def run_cell(suite: str, scale: str, cell: Cell, seed: int, *, runs_root: Path =
         return summary
     post = {name: POST[name](cfg, scale) for name in cell.post if name in POST}
     keep = ("status", "step", "tokens", "wall_s", "family", "model", "train", "unique_params", "total_params",
-            "hc_overhead", "train_tok_s", "mfu", "peak_mem_mb", "final_train_loss", "val", "best_val_loss", "git",
+            "hc_overhead", "train_tok_s", "mfu", "peak_mem_mb", "optimizer", "optimizer_state_bytes", "final_train_loss", "val", "best_val_loss", "git",
             "machine", "corpus", "tokenizer")
     result = {"suite": suite, "scale": scale, "cell": cell.name, "seed": seed, "command": command,
               **{k: summary[k] for k in keep},

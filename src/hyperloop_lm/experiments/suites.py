@@ -93,9 +93,16 @@ def cells(suite: str, preset_scale: str) -> list[Cell]:
             out.append(Cell(f"{fam}_pytorch_lr4e-4", fam, train=dict(recipe="pytorch", lr=4e-4)))
             out += [Cell(f"{fam}_gpt2_lr{lr:g}", fam, train=dict(recipe="gpt2", lr=lr)) for lr in (8e-4, 1.6e-3, 3.2e-3)]
         return out
+    if suite == "optimizers":  # spec 8: AdamW vs GaLore vs its one-sided-LoRA dual, rank d/4
+        out = []
+        for fam in ("transformer", "hyperloop"):
+            out.append(Cell(f"{fam}_adamw", fam, train=dict(optimizer="adamw")))
+            for opt in ("galore", "onesided-lora"):
+                out += [Cell(f"{fam}_{opt}_{proj}", fam, train=dict(optimizer=opt, proj=proj)) for proj in ("svd", "random")]
+        return out
     if suite == "analysis":
         return [Cell(f, f, post=("analysis",)) for f in ("looped", "hyperloop")]
     raise UserError(f"unknown suite '{suite}'{closest(suite, SUITES)}; choose from {', '.join(SUITES)}")
 
 
-SUITES = ("table1", "ablations", "loops", "recipes", "analysis")
+SUITES = ("table1", "ablations", "loops", "recipes", "analysis", "optimizers")

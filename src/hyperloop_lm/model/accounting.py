@@ -104,6 +104,23 @@ def weight_bytes(cfg: ModelConfig, bits: int, group_size: int = 128, quantize_em
     return matrices * bits // 8 + groups * 4 + rest * 2
 
 
+def projected_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(out, in) of every attention/MLP weight (what GaLore / one-sided LoRA project), unique layers only."""
+    d, h = cfg.d_model, cfg.mlp_hidden
+    return [(3 * d, d), (d, d), (2 * h, d), (d, h)] * cfg.unique_layers
+
+
+def optimizer_state_bytes(cfg: ModelConfig, kind: str = "adamw", rank: int | None = None) -> dict[str, int]:
+    """fp32 optimizer state: `projected` for the attention/MLP weights under `kind`, `total` adding plain
+    AdamW moments for everything else (embeddings, head, norms, HC). rank None = d_model / 4."""
+    from hyperloop_lm.train.lowrank import expected_state_bytes
+
+    shapes = projected_shapes(cfg)
+    projected = expected_state_bytes(shapes, rank or max(1, cfg.d_model // 4), kind)
+    rest = param_counts(cfg)["total"] - sum(m * n for m, n in shapes)
+    return {"projected": projected, "total": projected + 2 * 4 * rest}
+
+
 def summary(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
     """Everything `hyperloop-lm info` prints, as numbers."""
     c = param_counts(cfg)
@@ -119,6 +136,8 @@ def summary(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
         "flops_per_token_train": f["train"],
         "kv_bytes_per_token_bf16": kv_bytes_per_token(cfg, 2),
         **{f"weight_bytes_{k}": weight_bytes(cfg, b) for k, b in (("fp32", 32), ("bf16", 16), ("int8", 8), ("int4_g128", 4))},
+        **{f"optimizer_bytes_{k.replace('-', '_')}": optimizer_state_bytes(cfg, k)["total"]
+           for k in ("adamw", "galore", "onesided-lora")},
     }
 
 

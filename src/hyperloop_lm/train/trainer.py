@@ -35,6 +35,7 @@ from hyperloop_lm.model.accounting import flops_per_token, param_counts
 from hyperloop_lm.model.lm import LM
 from hyperloop_lm.train import checkpoint as ckpt
 from hyperloop_lm.train.config import TrainConfig
+from hyperloop_lm.train.lowrank import optimizer_state_bytes
 from hyperloop_lm.train.optim import build_optimizer, lr_at
 from hyperloop_lm.utils import UserError, atomic_write_text
 
@@ -294,6 +295,7 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict[str,
         "family": mcfg.family, "model": mcfg.to_dict(), "train": cfg.to_dict(),
         "unique_params": counts["unique"], "total_params": counts["total"], "hc_overhead": counts["hc_overhead"],
         "train_tok_s": last.get("tok_s"), "mfu": last.get("mfu"), "peak_mem_mb": memory_mb(device),
+        "optimizer": cfg.optimizer, "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "final_train_loss": last.get("loss"),
         "val": history[-1] if history else None, "best_val_loss": best if history else None, "history": history,
         "git": git_revision(), "machine": machine(), "world_size": world, "corpus": data.corpus.name,

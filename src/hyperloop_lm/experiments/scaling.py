@@ -1,0 +1,101 @@
+"""`hyperloop-lm scaling sweep|fit`: iso-depth grids and the phi fit (spec 7, arXiv 2604.21106).
+
+Grid (the paper's): total depth D_u = 2 prelude + (D_u-4)/r layers x r loops + 2 coda, r in {1,2,4,8}
+(r = 1 is the non-looped model of the same family), widths d, and FLOP budgets C; each run gets
+tokens = C / (training FLOPs per token over the unrolled depth), so every r at a budget costs the same.
+
+Parameter split for the law: N_once = prelude + coda layers (+ final norm), N_rec = the looped block
+(+ its per-loop HC sites and loop embeddings for Hyperloop). Embeddings and head are excluded, as in
+the paper's non-embedding counts.
+
+Runs: runs/scaling/<family>/<arch>/C<budget>/ ; results: reports/scaling/<family>/<arch>__C<budget>.json
+(one record per run with n_once, n_rec, r, tokens, val_loss, budget, arch); resumable like reproduce.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from hyperloop_lm.utils import UserError, atomic_write_text
+
+RUNS, RESULTS = Path("runs/scaling"), Path("reports/scaling")
+CONNECTION = {"looped": "residual", "hyperloop": "loop_hc"}
+
+
+def arch_config(family: str, depth: int, r: int, width: int, vocab_size: int, seq_len: int) -> dict[str, Any]:
+    if (depth - 4) % r or depth <= 4:
+        raise UserError(f"depth-4 = {depth - 4} must be a positive multiple of r={r}")
+    heads = max(1, width // 64)
+    return dict(name=f"{family}-d{width}-r{r}", vocab_size=vocab_size, d_model=width, n_heads=heads,
+                max_seq_len=seq_len, n_begin=2, n_middle=(depth - 4) // r, loops=r, n_end=2, depth=depth,
+                connection=CONNECTION[family], loop_embedding=family == "hyperloop")
+
+
+def split_params(cfg) -> tuple[int, int]:
+    """(N_once, N_rec) in non-embedding parameters."""
+    from hyperloop_lm.model.accounting import param_counts
+
+    c = param_counts(cfg)
+    once = (cfg.n_begin + cfg.n_end) * c["per_layer"] + cfg.d_model
+    rec = cfg.n_middle * c["per_layer"] + c["hc_overhead"]
+    return once, rec
+
+
+def sweep(family: str, depth: int = 20, rs: Sequence[int] = (1, 2, 4, 8), widths: Sequence[int] = (64, 128),
+          budgets: Sequence[float] = (3e12, 1e13, 3e13), corpus: str = "english-mix", vocab_size: int = 4096,
+          seq_len: int = 128, batch_size: int = 16, lr: float = 3e-3, truncate_backprop: int = 0,
+          runs_root: Path = RUNS, results_root: Path = RESULTS, seed: int = 0) -> list[Path]:
+    from hyperloop_lm.config import ModelConfig
+    from hyperloop_lm.model.accounting import flops_per_token
+    from hyperloop_lm.train.config import TrainConfig
+    from hyperloop_lm.train.trainer import train
+
+    if family not in CONNECTION:
+        raise UserError(f"family must be looped or hyperloop, got '{family}'")
+    tag = family + (f"-tbptt{truncate_backprop}" if truncate_backprop else "")
+    paths = []
+    for budget in budgets:
+        for width in widths:
+            for r in rs:
+                mc = arch_config(family, depth, r, width, vocab_size, seq_len)
+                cfg = ModelConfig.from_dict(mc)
+                arch = f"d{width}-r{r}"
+                out = results_root / tag / f"{arch}__C{budget:.0e}.json"
+                paths.append(out)
+                if out.exists():
+                    continue
+                tokens = int(budget / flops_per_token(cfg, seq_len)["train"])
+                if tokens < batch_size * seq_len * 10:
+                    raise UserError(f"budget {budget:.0e} gives only {tokens} tokens for {arch}; raise the budgets")
+                tc = TrainConfig(model="micro-" + family, model_overrides={k: v for k, v in mc.items() if k != "vocab_size"},
+                                 corpus=corpus, vocab_size=vocab_size, seq_len=seq_len, batch_size=batch_size,
+                                 tokens=tokens, lr=lr, warmup_steps=max(1, tokens // (batch_size * seq_len) // 20),
+                                 eval_every=0, eval_tokens=100_000, ckpt_every=100, progress=False, seed=seed,
+                                 truncate_backprop=truncate_backprop, out_dir=str(runs_root / tag / arch / f"C{budget:.0e}"))
+                s = train(tc)
+                if s["status"] != "finished":
+                    return paths
+                n_once, n_rec = split_params(cfg)
+                # arch = the loop configuration: the widths at one budget form one bootstrap block
+                record = {"family": tag, "arch": f"r{r}", "run": arch, "budget": budget, "r": r, "width": width, "depth": depth,
+                          "n_once": n_once, "n_rec": n_rec, "tokens": s["tokens"], "val_loss": s["val"]["loss"],
+                          "val_ppl": s["val"]["ppl"], "train_tok_s": s["train_tok_s"], "git": s["git"],
+                          "truncate_backprop": truncate_backprop}
+                atomic_write_text(out, json.dumps(record, indent=2))
+                print(f"{tag} {arch} C={budget:.0e}: {s['tokens']:,} tokens, val loss {s['val']['loss']:.4f}", flush=True)
+    return paths
+
+
+def fit(paths: Sequence[str], out_dir: str, n_starts: int = 500, n_resamples: int = 200) -> str:
+    """The paper's fit + block bootstrap + per-architecture Chinchilla fits; writes JSON + PNGs, returns markdown."""
+    from hyperloop_lm.experiments import scaling_fit as sf
+
+    files = [Path(p) for p in paths]
+    files = [f for p in files for f in (sorted(p.rglob("*.json")) if p.is_dir() else [p])]
+    if not files:
+        raise UserError("no run records found; pass reports/scaling/<family> or JSON files")
+    obs = sf.load_summaries(files)
+    result = sf.fit_iso_depth(obs, n_starts=n_starts)
+    boot = sf.bootstrap_phi(obs, n_resamples=n_resamples, fit=result)
+    return sf.report(obs, result, out_dir, boot=boot, chinchilla=sf.fit_chinchilla(obs))

@@ -1,0 +1,200 @@
+"""Tests of the iso-depth scaling-law fit on synthetic data from a known law."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from hyperloop_lm.experiments.scaling_fit import (
+    FitData,
+    Observation,
+    bootstrap_phi,
+    fit_chinchilla,
+    fit_iso_depth,
+    iso_depth_objective,
+    load_csv,
+    load_summaries,
+    predict_loss,
+    report,
+)
+from hyperloop_lm.utils import UserError
+
+TRUE = {"E": 1.6, "A": 400.0, "alpha": 0.3, "B": 600.0, "beta": 0.35, "phi": 0.5}
+TRUE_THETA = np.array([math.log(400.0), math.log(600.0), math.log(1.6), 0.3, 0.35, 0.5])
+
+
+def synthetic(noise: float = 0.005, seed: int = 0, widths=(4, 6, 8, 12), n_budgets: int = 6,
+              params=TRUE) -> list[Observation]:
+    """The paper's grid: depth 20 = 2 prelude + (16/r) x r + 2 coda, width 64*s, iso-FLOP budgets.
+
+    A layer has 12 d^2 parameters; FLOPs count the unrolled depth, so D = C / (6 * 20 * 12 d^2).
+    Budgets span 50x. Loss gets multiplicative log-normal noise.
+    """
+    obs = []
+    for budget in np.geomspace(1e17, 5e18, n_budgets):
+        for r in (1, 2, 4, 8):
+            for s in widths:
+                layer = 12 * (64 * s) ** 2
+                obs.append(Observation(
+                    n_once=4 * layer, n_rec=(16 // r) * layer, r=r,
+                    tokens=budget / (6 * 20 * layer), loss=1.0,
+                    cell=(float(budget), f"2-{16 // r}x{r}-2"), label=f"C{budget:.2g}-r{r}-s{s}"))
+    eps = np.random.default_rng(seed).standard_normal(len(obs))
+    losses = predict_loss(params, obs) * np.exp(noise * eps)
+    return [dataclasses.replace(o, loss=float(loss)) for o, loss in zip(obs, losses)]
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    obs = synthetic()
+    fit = fit_iso_depth(obs, n_starts=60, seed=0)
+    boot = bootstrap_phi(obs, n_resamples=60, n_starts=3, seed=1, fit=fit)
+    return obs, fit, boot
+
+
+def test_noisy_fit_recovers_phi_and_bootstrap_covers_truth(noisy):
+    obs, fit, boot = noisy
+    assert fit.n_obs == len(obs) == 96
+    assert abs(fit.phi - TRUE["phi"]) < 0.05
+    lo, hi = boot.phi_interval
+    assert lo < TRUE["phi"] < hi
+    assert hi - lo < 0.2  # informative, not the whole box
+    for name in ("alpha", "beta", "E"):
+        lo, hi = boot.intervals[name]
+        assert lo < TRUE[name] < hi, name
+    assert boot.samples.shape == (60, 6) and np.isfinite(boot.samples).all()
+    # 0.5% noise on losses of 3-5.5: the law explains nearly everything, residuals ~ the noise.
+    assert fit.r2 > 0.99 and fit.r2_log > 0.99
+    assert 0.003 < np.std(fit.residuals) < 0.007
+
+
+def test_noiseless_fit_recovers_all_parameters():
+    fit = fit_iso_depth(synthetic(noise=0.0), n_starts=40, seed=3)
+    for name, value in TRUE.items():
+        assert getattr(fit, name) == pytest.approx(value, rel=1e-4), name
+    assert fit.r2 == pytest.approx(1.0, abs=1e-10)
+    assert np.abs(fit.residuals).max() < 1e-6
+
+
+def test_fixed_phi_fits_worse_than_free_phi():
+    obs = synthetic(noise=0.0, widths=(4, 8), n_budgets=4)
+    free = fit_iso_depth(obs, n_starts=10)
+    pinned = fit_iso_depth(obs, n_starts=10, fixed_phi=1.0)
+    assert pinned.phi == 1.0
+    assert pinned.loss > 100 * free.loss
+
+
+def test_chinchilla_per_architecture_matches_the_law():
+    # At a fixed r, N_eff / N = (4 + 16 r^(phi-1)) / (4 + 16 / r) with N = N_once + N_rec, so the
+    # per-arch Chinchilla law is exact with the same E, alpha, B, beta and A scaled by ratio^-alpha.
+    fits = fit_chinchilla(synthetic(noise=0.0), n_starts=20)
+    assert sorted(fits) == ["2-16x1-2", "2-2x8-2", "2-4x4-2", "2-8x2-2"]
+    for arch, fit in fits.items():
+        r = int(arch.split("x")[1].split("-")[0])
+        c = (4 + 16 * r ** (TRUE["phi"] - 1)) / (4 + 16 / r)
+        assert fit.phi is None and fit.n_obs == 24
+        assert fit.alpha == pytest.approx(TRUE["alpha"], rel=1e-3), arch
+        assert fit.beta == pytest.approx(TRUE["beta"], rel=1e-3), arch
+        assert fit.E == pytest.approx(TRUE["E"], rel=1e-3), arch
+        assert fit.A == pytest.approx(TRUE["A"] * c ** -TRUE["alpha"], rel=1e-2), arch
+
+
+@pytest.mark.parametrize("delta", [1e-3, 10.0])
+def test_objective_gradient_matches_finite_differences(delta):
+    obs = synthetic(widths=(4, 8), n_budgets=3)
+    # Runs with nothing looped / nothing run once exercise the log(0) = -inf paths.
+    obs += [dataclasses.replace(obs[5], n_once=0.0), dataclasses.replace(obs[7], n_rec=0.0)]
+    data = FitData.from_observations(obs)
+    theta = TRUE_THETA + np.random.default_rng(0).normal(0, 2e-3, 6)
+    value, grad = iso_depth_objective(theta, data, delta)
+    if delta == 1e-3:  # both Huber regimes present, so both branches are checked
+        res = np.abs(np.log(predict_loss(TRUE, obs)) - data.log_loss)
+        assert (res < delta).any() and (res > delta).any()
+    h = 1e-6
+    fd = np.array([(iso_depth_objective(theta + h * e, data, delta)[0]
+                    - iso_depth_objective(theta - h * e, data, delta)[0]) / (2 * h)
+                   for e in np.eye(6)])
+    assert np.isfinite(value) and np.all(grad != 0)
+    np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-8 * np.abs(fd).max())
+
+
+def test_bad_input_raises_user_error():
+    obs = synthetic(widths=(4,), n_budgets=1)
+    with pytest.raises(UserError, match="at least"):
+        fit_iso_depth(obs[:3], n_starts=1)
+    with pytest.raises(UserError, match="loss must be positive"):
+        dataclasses.replace(obs[0], loss=0.0)
+    with pytest.raises(UserError, match="loss must be a finite"):
+        dataclasses.replace(obs[0], loss=float("nan"))
+    with pytest.raises(UserError, match="r .* >= 1"):
+        dataclasses.replace(obs[0], r=0.5)
+    with pytest.raises(UserError, match="not both 0"):
+        dataclasses.replace(obs[0], n_once=0.0, n_rec=0.0)
+    with pytest.raises(UserError, match="2 .budget, architecture. cells"):
+        bootstrap_phi([dataclasses.replace(o, cell=(1.0, "a")) for o in synthetic()], n_resamples=1)
+
+
+def test_loaders(tmp_path):
+    base = {"n_once": 1e6, "n_rec": 4e6, "r": 4, "tokens": 2e9, "val_loss": 3.5, "budget": 1e18}
+    (tmp_path / "a.json").write_text(json.dumps({**base, "arch": "2-4x4-2", "family": "hyperloop"}))
+    records = [{**base, "family": "looped"}, {**base, "arch": "x"}]
+    (tmp_path / "b.json").write_text(json.dumps(records))
+    obs = load_summaries([tmp_path / "a.json", tmp_path / "b.json"])
+    assert [o.cell for o in obs] == [(1e18, "2-4x4-2"), (1e18, "looped"), (1e18, "x")]
+    assert obs[0].family == "hyperloop" and obs[0].label.endswith("a.json") and obs[0].loss == 3.5
+
+    (tmp_path / "runs.csv").write_text("n_once,n_rec,r,tokens,val_loss,budget,arch,label\n"
+                                       "1e6,4e6,4,2e9,3.5,1e18,2-4x4-2,run1\n")
+    (row,) = load_csv(tmp_path / "runs.csv")
+    assert row == dataclasses.replace(obs[0], label="run1", family="")  # "1e18" == 1e18
+
+    (tmp_path / "bad.json").write_text(json.dumps({k: v for k, v in base.items() if k != "tokens"}))
+    with pytest.raises(UserError, match=r"bad.json: missing tokens, arch \(or family\)"):
+        load_summaries([tmp_path / "bad.json"])
+    (tmp_path / "neg.csv").write_text("n_once,n_rec,r,tokens,val_loss,budget,arch\n"
+                                      "1,1,1,1,-2,1,a\n")
+    with pytest.raises(UserError, match="neg.csv:2.*loss must be positive"):
+        load_csv(tmp_path / "neg.csv")
+    (tmp_path / "nan.json").write_text(json.dumps({**base, "arch": "a", "label": "run7",
+                                                   "val_loss": "nan"}))
+    with pytest.raises(UserError, match="nan.json: observation 'run7': loss must be a finite"):
+        load_summaries([tmp_path / "nan.json"])
+
+
+def test_report_writes_json_pngs_and_table(noisy, tmp_path):
+    obs, fit, boot = noisy
+    chin = fit_chinchilla(obs, n_starts=3)
+    table = report(obs, fit, tmp_path / "out", boot=boot, chinchilla=chin)
+    payload = json.loads((tmp_path / "out" / "scaling_fit.json").read_text())
+    assert payload["fit"]["phi"] == pytest.approx(fit.phi)
+    assert payload["bootstrap"]["intervals"]["phi"] == pytest.approx(list(boot.phi_interval))
+    assert len(payload["bootstrap"]["samples"]["phi"]) == 60 and len(payload["observations"]) == 96
+    for png in ("fitted_vs_observed.png", "loss_vs_neff.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = table.splitlines()
+    assert len(lines) == 3 + 4
+    lo, hi = boot.phi_interval
+    assert f"{fit.phi:.3f} [{lo:.3f}, {hi:.3f}]" in lines[2] and lines[2].endswith("| 96 |")
+
+
+def test_bootstrap_is_reproducible():
+    obs = synthetic(noise=0.005, widths=(4, 8), n_budgets=4)
+    fit = fit_iso_depth(obs, n_starts=5)
+    a = bootstrap_phi(obs, n_resamples=3, n_starts=1, seed=7, fit=fit)
+    b = bootstrap_phi(obs, n_resamples=3, n_starts=1, seed=7, fit=fit)
+    np.testing.assert_array_equal(a.samples, b.samples)
+    assert a.n_cells == 16
+
+
+@pytest.mark.slow
+def test_paper_defaults_on_forty_runs():
+    """The paper's settings (500 starts, 200 resamples) on a 40-run grid."""
+    obs = synthetic(widths=(4, 8), n_budgets=5)
+    fit = fit_iso_depth(obs)
+    boot = bootstrap_phi(obs, fit=fit)
+    assert abs(fit.phi - TRUE["phi"]) < 0.05
+    lo, hi = boot.phi_interval
+    assert lo < TRUE["phi"] < hi
