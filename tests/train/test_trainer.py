@@ -44,6 +44,19 @@ def test_resume_is_bit_identical(model, train_corpus, cache_env, tmp_path):
     assert full["val"]["loss"] == resumed["val"]["loss"]
 
 
+@pytest.mark.parametrize("optimizer", ["galore", "onesided-lora"])
+def test_low_rank_optimizers_resume_exactly_and_load_as_plain_models(optimizer, train_corpus, cache_env, tmp_path):
+    kw = dict(optimizer=optimizer, rank=8, proj_gap=3)
+    train(micro_cfg(train_corpus, tmp_path / "full", **kw))
+    train(micro_cfg(train_corpus, tmp_path / "part", **kw), stop_after_steps=4)
+    s = train(micro_cfg(train_corpus, tmp_path / "part", **kw))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert s["optimizer_state_bytes"] > 0
+    model, _, _ = ckpt.load_model(tmp_path / "full")  # effective weights, plain LM keys
+    assert not any("parametrizations" in k for k in model.state_dict())
+
+
 def test_training_learns(train_corpus, cache_env, tmp_path):
     s = train(micro_cfg(train_corpus, tmp_path / "run", tokens=8 * 32 * 40, eval_every=0))
     first = float(losses(tmp_path / "run")[0])

@@ -39,7 +39,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, *, meta
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().contiguous().cpu() for k, v in plain_state_dict(model).items()}
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format_version": str(FORMAT_VERSION)})
         if state is not None:
             torch.save(state, tmp / STATE_FILE)
@@ -53,6 +53,19 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, *, meta
         shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_text(root / "latest", final.name + "\n")
     return final
+
+
+def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the model as a plain LM: parametrized weights (one-sided LoRA: W0 + P C) are
+    saved as their effective value, so every checkpoint loads without knowing how it was trained."""
+    from torch.nn.utils import parametrize
+
+    sd = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for attr in module.parametrizations:
+                sd[f"{name}.{attr}"] = getattr(module, attr).detach()
+    return sd
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

@@ -174,8 +174,11 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict[str,
         if meta.get("tokenizer_hash") not in (None, data.tokenizer.hash):
             raise UserError(f"checkpoint {resume_from} used a different tokenizer; resume with the same corpus "
                             "and tokenizer or start a fresh out_dir")
-        ckpt.load_into(model, resume_from)
         state = ckpt.load_state(resume_from)
+        if "model_raw" in state:  # a wrapped model (one-sided LoRA): W0, P, C exactly as they were
+            model.load_state_dict(state["model_raw"])
+        else:
+            ckpt.load_into(model, resume_from)
         optimizer.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["loader"][rank] if isinstance(state["loader"], list) else state["loader"])
         torch.set_rng_state(state["rng"])
@@ -213,6 +216,8 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict[str,
             return root
         state = {"optimizer": optimizer.state_dict(), "loader": loaders, "rng": torch.get_rng_state(), "step": step,
                  "best": best, "history": history}
+        if any(".parametrizations." in k for k in model.state_dict()):
+            state["model_raw"] = model.state_dict()
         meta = {"model": mcfg.to_dict(), "train": cfg.to_dict(), "metrics": metrics,
                 "tokenizer_hash": data.tokenizer.hash}
         path = ckpt.save_checkpoint(root, step, model, meta=meta, state=state, tokenizer=data.tokenizer)
