@@ -79,7 +79,7 @@ def _hc_site_matmul(cfg: ModelConfig, res_kind: str) -> int:
     n, d = cfg.n_streams, cfg.d_model
     res_rows = {"diagonal": n, "sinkhorn": n * n, "identity": 0}[res_kind]
     mix = 2 * n * n * d if res_kind == "sinkhorn" else 0  # dense stream mixing res @ y
-    return 2 * (2 * n + res_rows) * n * d + 2 * n * d + mix  # coefficient projection + weighted read
+    return 2 * (2 * n + res_rows) * n * d + mix  # coefficient projection (+ dense mixing); the read is elementwise
 
 
 def kv_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2, loops: int | None = None) -> int:
