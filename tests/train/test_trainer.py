@@ -135,8 +135,10 @@ def test_unknown_config_key_suggests_the_closest(tmp_path):
         TrainConfig.load(None, {"seqlen": 2})
 
 
-def test_ddp_two_processes_match_one(train_corpus, cache_env, tmp_path):
-    """2 gloo processes x batch 4 == 1 process x batch 8 (same global batch, same data order)."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(parallel, train_corpus, cache_env, tmp_path):
+    """2 gloo processes x batch 4 == 1 process x batch 8 (same global batch, same data order), for DDP
+    and for FSDP2 (weights sharded per block); also resumes across a checkpoint written from shards."""
     script = tmp_path / "run.py"
     script.write_text(
         "import sys, torch\n"
@@ -145,12 +147,14 @@ def test_ddp_two_processes_match_one(train_corpus, cache_env, tmp_path):
         "from hyperloop_lm.train.trainer import train\n"
         f"cfg = TrainConfig(model='micro-hyperloop', corpus={str(train_corpus)!r}, vocab_size=300, seq_len=32,\n"
         "    batch_size=8, tokens=8*32*4, eval_every=0, eval_tokens=2048, ckpt_every=0, progress=False,\n"
-        "    tensorboard=False, lr=3e-3, out_dir=sys.argv[1])\n"
-        "train(cfg)\n")
+        "    tensorboard=False, lr=3e-3, out_dir=sys.argv[1], parallel=sys.argv[2], grad_accum=2)\n"
+        "train(cfg, stop_after_steps=int(sys.argv[3]) if len(sys.argv) > 3 else None)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                    str(script), str(tmp_path / "two")], check=True, env=env, timeout=300, capture_output=True)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), parallel], check=True, env=env, timeout=300)
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           "29533" if parallel == "ddp" else "29534", str(script), str(tmp_path / "two"), parallel]
+    subprocess.run(two + ["2"], check=True, env=env, timeout=300, capture_output=True)  # interrupted at step 2
+    subprocess.run(two, check=True, env=env, timeout=300, capture_output=True)  # resumed
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

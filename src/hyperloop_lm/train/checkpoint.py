@@ -33,13 +33,15 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, *, meta: dict[str, Any],
-                    state: dict[str, Any] | None = None, tokenizer=None) -> Path:
+                    state: dict[str, Any] | None = None, tokenizer=None,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """`weights` (optional) replaces the model's own state dict, e.g. full tensors gathered from FSDP shards."""
     root = Path(root)
     final, tmp = step_dir(root, step), root / f".step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        weights = {k: v.detach().contiguous().cpu() for k, v in plain_state_dict(model).items()}
+        weights = {k: v.detach().contiguous().cpu() for k, v in (weights or plain_state_dict(model)).items()}
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format_version": str(FORMAT_VERSION)})
         if state is not None:
             torch.save(state, tmp / STATE_FILE)

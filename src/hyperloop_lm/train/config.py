@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
     compile: bool = False  # torch.compile each block
+    parallel: str = "ddp"  # with torchrun: ddp (replicate) | fsdp (FSDP2 fully_shard per block)
     truncate_backprop: int = 0  # >0: gradients flow only through the last k loops (scaling-law ablation)
     eval_every: int = 200  # steps between held-out evaluations (0 = only at the end)
     eval_tokens: int = 200_000  # held-out tokens per evaluation
@@ -69,6 +70,10 @@ class TrainConfig:
         for f in ("seq_len", "batch_size", "grad_accum", "tokens", "vocab_size"):
             if getattr(self, f) < 1:
                 raise UserError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise UserError(f"parallel must be ddp or fsdp, got '{self.parallel}'")
+        if self.parallel == "fsdp" and self.optimizer != "adamw":
+            raise UserError("parallel: fsdp supports optimizer: adamw (GaLore/LoRA projectors need whole weights)")
         if self.batch_size % self.grad_accum:
             raise UserError(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
 

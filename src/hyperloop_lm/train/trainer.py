@@ -128,6 +128,24 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def shard_blocks(model: LM) -> None:
+    """FSDP2, applied outside the model: one shard group per block, then the root. The looped middle
+    blocks keep their gathered weights through the forward (they are used `loops` times in a row)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for blk in [*model.begin, *model.end]:
+        fully_shard(blk)
+    for blk in model.middle:
+        fully_shard(blk, reshard_after_forward=False)
+    fully_shard(model)
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict[str, Any]:
     """Run (or resume) one training run; returns the summary dict (also written to summary.json).
 
@@ -157,8 +175,12 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict[str,
     if cfg.compile:
         for blk in [*model.begin, *model.middle, *model.end]:
             blk.compile()
+    fsdp = world > 1 and cfg.parallel == "fsdp"
+    FULL = _full_options() if fsdp else None
+    if fsdp:
+        shard_blocks(model)
     optimizer = build_optimizer(model, cfg)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not fsdp else model
     step, best, history = 0, math.inf, []
 
     # --- resume
@@ -175,11 +197,17 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict[str,
             raise UserError(f"checkpoint {resume_from} used a different tokenizer; resume with the same corpus "
                             "and tokenizer or start a fresh out_dir")
         state = ckpt.load_state(resume_from)
-        if "model_raw" in state:  # a wrapped model (one-sided LoRA): W0, P, C exactly as they were
-            model.load_state_dict(state["model_raw"])
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            set_state_dict(model, optimizer, model_state_dict=ckpt.load_weights(resume_from),
+                           optim_state_dict=state["optimizer"], options=FULL)
         else:
-            ckpt.load_into(model, resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+            if "model_raw" in state:  # a wrapped model (one-sided LoRA): W0, P, C exactly as they were
+                model.load_state_dict(state["model_raw"])
+            else:
+                ckpt.load_into(model, resume_from)
+            optimizer.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["loader"][rank] if isinstance(state["loader"], list) else state["loader"])
         torch.set_rng_state(state["rng"])
         step, best, history = state["step"], state.get("best", math.inf), state.get("history", [])
@@ -212,15 +240,21 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict[str,
             dist.all_gather_object(loaders, loader.state_dict())
         else:
             loaders = [loader.state_dict()]
+        weights, optim_state = None, None
+        if fsdp:  # gather full tensors (collective: every rank takes part)
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            weights, optim_state = get_state_dict(model, optimizer, options=FULL)
         if not main:
             return root
-        state = {"optimizer": optimizer.state_dict(), "loader": loaders, "rng": torch.get_rng_state(), "step": step,
+        state = {"optimizer": optim_state or optimizer.state_dict(), "loader": loaders, "rng": torch.get_rng_state(), "step": step,
                  "best": best, "history": history}
         if any(".parametrizations." in k for k in model.state_dict()):
             state["model_raw"] = model.state_dict()
         meta = {"model": mcfg.to_dict(), "train": cfg.to_dict(), "metrics": metrics,
                 "tokenizer_hash": data.tokenizer.hash}
-        path = ckpt.save_checkpoint(root, step, model, meta=meta, state=state, tokenizer=data.tokenizer)
+        path = ckpt.save_checkpoint(root, step, model, meta=meta, state=state, tokenizer=data.tokenizer,
+                                    weights=weights)
         best_path = ckpt.step_dir(root, int(history_best_step(history))) if history else None
         ckpt.prune(root, cfg.keep_last, keep={best_path} if best_path else set())
         return path
@@ -240,7 +274,10 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict[str,
             for micro_step in range(cfg.grad_accum):
                 x, y = next(loader)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = nullcontext() if (world == 1 or micro_step == cfg.grad_accum - 1) else ddp.no_sync()
+                last_micro = micro_step == cfg.grad_accum - 1
+                if fsdp:
+                    model.set_requires_gradient_sync(last_micro)
+                sync = nullcontext() if (world == 1 or fsdp or last_micro) else ddp.no_sync()
                 with sync, autocast:
                     logits = ddp(x, grad_last_loops=cfg.truncate_backprop or None)
                     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
@@ -253,7 +290,8 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict[str,
                 latest = ckpt.latest_checkpoint(root)
                 raise UserError(f"loss became {loss_value} at step {step}; stopped without saving. Last good "
                                 f"checkpoint: {latest or 'none'}. Try a lower lr (now {lr:g}) or more warmup.")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
