@@ -71,7 +71,7 @@ def main(out: str = "runs", tokens: int = 600_000, quantize: bool = True, genera
 def _quantize(run: Path, out: Path) -> dict[str, Any] | None:
     """INT4 GPTQ (group 128) of the trained model; returns the quantization report."""
     try:
-        from hyperloop_lm.quant.driver import quantize_checkpoint
+        from hyperloop_lm.quant.report import quantize_checkpoint
     except ImportError:
         return None
     print(f"== quantize {run.name}: INT4 GPTQ g128")

@@ -76,7 +76,7 @@ def _val_shard(cfg, tokenizer):
 def post_int4(cfg, scale: str) -> dict[str, Any] | None:
     """INT4 g128 GPTQ (embeddings kept): the paper's Table 1 quantized column."""
     try:
-        from hyperloop_lm.quant.driver import quantize_checkpoint
+        from hyperloop_lm.quant.report import quantize_checkpoint
     except ImportError:
         return None
     out = Path(cfg.out_dir) / "int4-gptq"
@@ -112,7 +112,7 @@ def post_zeroshot(cfg, scale: str) -> dict[str, Any] | None:
         from hyperloop_lm.eval.offline_tasks import run_offline_suite
     except ImportError:
         return None
-    return run_offline_suite(cfg.out_dir, limit=50 if scale == "micro" else None)
+    return run_offline_suite(cfg.out_dir, limit=50 if scale == "micro" else 300, progress=False)
 
 
 POST = {"int4": post_int4, "loops": post_loops, "analysis": post_analysis, "zeroshot": post_zeroshot}
