@@ -104,7 +104,10 @@ def format_info(rows: dict[str, dict[str, Any]]) -> str:
             ("weights fp32", lambda s: fmt_bytes(s["weight_bytes_fp32"])),
             ("weights bf16", lambda s: fmt_bytes(s["weight_bytes_bf16"])),
             ("weights int8", lambda s: fmt_bytes(s["weight_bytes_int8"])),
-            ("weights int4 g128", lambda s: fmt_bytes(s["weight_bytes_int4_g128"]))]
+            ("weights int4 g128", lambda s: fmt_bytes(s["weight_bytes_int4_g128"])),
+            ("AdamW state (fp32)", lambda s: fmt_bytes(s["optimizer_bytes_adamw"])),
+            ("GaLore state, r=d/4", lambda s: fmt_bytes(s["optimizer_bytes_galore"])),
+            ("1-sided LoRA state, r=d/4", lambda s: fmt_bytes(s["optimizer_bytes_onesided_lora"]))]
     body = []
     for label, fn in spec:
         body.append([label, *(fn(s) for s in rows.values())])
@@ -140,19 +143,28 @@ def _train(p: argparse.ArgumentParser):
 @verb("eval")
 def _eval(p: argparse.ArgumentParser):
     p.description = ("Held-out perplexity and bits-per-byte of a checkpoint on its corpus' validation split "
-                     "(or --corpus). --tasks runs zero-shot tasks instead (see docs).")
+                     "(or --corpus). With --tasks, zero-shot tasks through lm-eval instead (pip install "
+                     "'hyperloop-lm[eval]'): 'paper' (the paper's 11 tasks and their Task Acc), 'offline' (a "
+                     "suite built from the corpus' held-out split, no download), or lm-eval task names.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
     p.add_argument("--corpus", help="corpus to evaluate on (default: the one the model was trained on)")
     p.add_argument("--tokens", type=int, default=None, help="cap on held-out tokens (default: the whole split)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=None, help="default: the training sequence length")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the training sequence length (with "
+                   "--tasks: the context length; longer contexts are left-truncated)")
     p.add_argument("--loops", type=int, default=None, help="run the middle block this many times")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--tasks", default=None, help="zero-shot tasks: paper | offline | NAME[,NAME...] (may mix)")
+    p.add_argument("--limit", type=float, default=None, help="with --tasks: items per task (N, or a fraction < 1)")
+    p.add_argument("--include-path", default=None, help="with --tasks: a directory of extra lm-eval task YAMLs")
+    p.add_argument("--output", default=None, help="write the results JSON here (atomically)")
 
     def run(a):
         import json
 
+        if a.tasks:
+            return run_tasks(a)
         from hyperloop_lm.data import build_shards, load_corpus
         from hyperloop_lm.eval.perplexity import evaluate
         from hyperloop_lm.train.checkpoint import load_model
@@ -166,9 +178,215 @@ def _eval(p: argparse.ArgumentParser):
         seq = a.seq_len or meta["train"]["seq_len"]
         res = evaluate(model, val, seq, a.batch_size, a.tokens, progress=True, loops=a.loops)
         res.update(checkpoint=str(a.checkpoint), corpus=corpus.name)
+        if a.output:
+            from hyperloop_lm.eval.zeroshot import write_results
+
+            write_results(res, a.output)
         print(json.dumps(res, indent=2) if a.json else
               f"{corpus.name} held-out: loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  bpb {res['bpb']:.4f}  "
               f"({res['tokens']:,} tokens)")
+
+    def run_tasks(a):
+        import json
+        import logging
+
+        from hyperloop_lm.eval.zeroshot import evaluate_tasks, format_results, require_lm_eval
+
+        require_lm_eval()
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lines drown the table
+        limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
+        res = evaluate_tasks(a.checkpoint, a.tasks, limit=limit, include_path=a.include_path, corpus=a.corpus,
+                             output=a.output, batch_size=a.batch_size, device=a.device, max_length=a.seq_len,
+                             loops=a.loops)
+        print(json.dumps(res, indent=2) if a.json else format_results(res))
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- generate
+@verb("generate")
+def _generate(p: argparse.ArgumentParser):
+    p.description = ("Continue a prompt with a checkpoint (KV-cached decoding; greedy unless --temperature > 0). "
+                     "Repeat --prompt to decode several prompts as one left-padded batch.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
+    p.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    p.add_argument("--loops", type=int, default=None, help="run the middle block K times (past the trained "
+                   "count, the last loop's per-loop parameters are reused)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated (single prompt)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
+
+    def run(a):
+        from hyperloop_lm.infer.api import load
+
+        gen = load(a.checkpoint, a.device, loops=a.loops)
+        kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                  seed=a.seed)
+        if a.stream:
+            if len(a.prompt) != 1:
+                raise UserError("--stream prints one continuation; give a single --prompt")
+            print(a.prompt[0], end="", flush=True)
+            gen.generate(a.prompt[0], stream=lambda piece: print(piece, end="", flush=True), **kw)
+            print()
+            return
+        for prompt, text in zip(a.prompt, gen.generate(a.prompt, **kw)):
+            print(prompt + text)
+
+    return run
+
+
+@verb("export")
+def _export(p: argparse.ArgumentParser):
+    p.description = ("Export a checkpoint: --format onnx writes a decoder graph with past/present K/V per virtual "
+                     "layer (checked against PyTorch with onnxruntime); --format hf (or safetensors) writes a "
+                     "transformers directory (config.json, model.safetensors, tokenizer).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
+    p.add_argument("--format", choices=("onnx", "hf", "safetensors"), default="onnx")
+    p.add_argument("--out", required=True, help="output .onnx file (onnx) or directory (hf, safetensors)")
+    p.add_argument("--loops", type=int, default=None, help="export with the middle block run K times")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (14-17)")
+    p.add_argument("--no-attention-mask", action="store_true", help="ONNX graph without the attention_mask input "
+                   "(no padding support)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+
+    def run(a):
+        if a.format in ("hf", "safetensors"):
+            try:
+                from hyperloop_lm.infer.hf import to_hf
+            except ImportError as e:
+                raise UserError(f"--format {a.format} needs transformers ({e.name} is missing): "
+                                "pip install 'hyperloop-lm[hf]'") from None
+            print(f"wrote {to_hf(a.checkpoint, a.out, inference_loops=a.loops)}")
+            return
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise UserError("--format onnx needs onnx and onnxruntime: pip install 'hyperloop-lm[export]'") from None
+        from hyperloop_lm.infer.api import load_checkpoint
+        from hyperloop_lm.infer.onnx_export import export_onnx, verify_onnx
+
+        model, _, _ = load_checkpoint(a.checkpoint)
+        path = export_onnx(model, a.out, loops=a.loops, with_attention_mask=not a.no_attention_mask, opset=a.opset)
+        print(f"wrote {path} ({model.depth(a.loops)} virtual layers of past/present K/V)")
+        if not a.no_verify:
+            err = verify_onnx(path, model, loops=a.loops, with_attention_mask=not a.no_attention_mask)
+            print(f"onnxruntime vs PyTorch (prefill + 1 cached step): max |logit diff| = {err:.2e}")
+            if err > 1e-3:
+                raise UserError(f"the exported graph disagrees with PyTorch (max |diff| {err:.2e}); please report this")
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- quantize
+@verb("quantize")
+def _quantize(p: argparse.ArgumentParser):
+    p.description = ("Post-training weight quantization (RTN or loop-aware GPTQ) of a checkpoint into a packed "
+                     "low-bit checkpoint (--out), with held-out perplexity before/after, sizes and wall time. "
+                     "The result loads with `hyperloop-lm eval --checkpoint OUT` and for generation. Multi-model "
+                     "table from saved reports: python -m hyperloop_lm.quant.report DIR/*.json")
+    p.add_argument("--checkpoint", required=True, help="fp32 checkpoint directory, or a run directory (its latest)")
+    p.add_argument("--out", required=True, help="directory for the quantized checkpoint (replaced if it is one)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="gptq")
+    p.add_argument("--bits", type=int, choices=(8, 4, 3, 2), default=4)
+    p.add_argument("--group-size", type=int, default=128, help="input columns per scale/zero; -1 = per row")
+    p.add_argument("--calib-seqs", type=int, default=128, help="GPTQ calibration sequences (train split)")
+    p.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence (default: train seq_len)")
+    p.add_argument("--calib-seed", type=int, default=0)
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with an integer zero point")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="also quantize the input embedding (RTN per row) and the head (same method)")
+    p.add_argument("--eval-tokens", type=int, default=100_000, help="held-out tokens for ppl before/after (0: skip)")
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--report", nargs="?", const="reports/quant", default=None, metavar="DIR",
+                   help="also write the report as DIR/MODEL-METHOD-intBITS-gGROUP[-emb].{json,md} "
+                        "(default DIR: %(const)s); it is always written to OUT/quant_report.{json,md}")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+    def run(a):
+        import json
+
+        from hyperloop_lm.quant.report import quantize_checkpoint, report_markdown, write_report
+        from hyperloop_lm.train.trainer import pick_device
+
+        report = quantize_checkpoint(
+            a.checkpoint, a.out, method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym,
+            act_order=a.act_order, damp=a.damp, quantize_embeddings=a.quantize_embeddings,
+            calib_seqs=a.calib_seqs, calib_len=a.calib_len, calib_seed=a.calib_seed, eval_tokens=a.eval_tokens,
+            batch_size=a.batch_size, device=pick_device(a.device), log=lambda s: print(s, file=sys.stderr))
+        write_report(report, report["out"], "quant_report")
+        if a.report:
+            print(f"report: {write_report(report, a.report)}", file=sys.stderr)
+        print(json.dumps(report, indent=2) if a.json else report_markdown([report]))
+
+    return run
+
+
+@verb("scaling")
+def _scaling(p: argparse.ArgumentParser):
+    p.description = ("Iso-depth scaling laws (arXiv 2604.21106): `sweep` trains a grid of depth-D models with the "
+                     "middle looped r times at FLOP budgets (resumable); `fit` fits L = E + A (N_once + r^phi "
+                     "N_rec)^-alpha + B D^-beta with a block-bootstrap interval on phi.")
+    p.add_argument("action", choices=("sweep", "fit"))
+    p.add_argument("paths", nargs="*", help="fit: result directories or JSON files (e.g. reports/scaling/looped)")
+    p.add_argument("--family", choices=("looped", "hyperloop"), default="looped")
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--r", default="1,2,4,8", help="recurrences, comma-separated")
+    p.add_argument("--widths", default="64,128", help="d_model values, comma-separated")
+    p.add_argument("--budgets", default="3e12,1e13,3e13", help="training FLOP budgets per run, comma-separated")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--corpus", default="english-mix")
+    p.add_argument("--truncate-backprop", type=int, default=0, help="gradients only through the last k loops")
+    p.add_argument("--out", default="docs/scaling", help="fit: directory for the fit JSON and plots")
+    p.add_argument("--starts", type=int, default=500, help="fit: random L-BFGS-B starts")
+    p.add_argument("--resamples", type=int, default=200, help="fit: bootstrap resamples")
+
+    def run(a):
+        from hyperloop_lm.experiments import scaling
+
+        if a.action == "sweep":
+            scaling.sweep(a.family, a.depth, [int(x) for x in a.r.split(",")], [int(x) for x in a.widths.split(",")],
+                          [float(x) for x in a.budgets.split(",")], corpus=a.corpus, seq_len=a.seq_len,
+                          truncate_backprop=a.truncate_backprop)
+        else:
+            print(scaling.fit(a.paths or ["reports/scaling"], a.out, a.starts, a.resamples))
+
+    return run
+
+
+@verb("reproduce")
+def _reproduce(p: argparse.ArgumentParser):
+    from hyperloop_lm.experiments.suites import SCALES, SUITES
+
+    p.description = ("Reproduce the paper's comparisons at a chosen scale: a suite's cells x seeds are trained "
+                     "with identical data, tokens, recipe and seeds; finished cells are skipped and interrupted "
+                     "ones resume, so rerun the same command to continue. Results go to reports/reproduce/ and "
+                     "are rendered into docs/reproduction.md.")
+    p.add_argument("--suite", choices=SUITES, default="table1")
+    p.add_argument("--scale", choices=list(SCALES), default="cpu-tiny")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="cells trained in parallel (threads split between them)")
+    p.add_argument("--only", help="comma-separated cell names to run (default: all)")
+    p.add_argument("--corpus", help="override the scale's corpus (e.g. a local text directory)")
+    p.add_argument("--render-only", action="store_true", help="only re-render docs/reproduction.md")
+
+    def run(a):
+        from hyperloop_lm.experiments.report import render_report
+        from hyperloop_lm.experiments.reproduce import reproduce
+
+        if a.render_only:
+            print(f"wrote {render_report()}")
+            return
+        reproduce(a.suite, a.scale, a.seeds, a.workers, a.only.split(",") if a.only else None, corpus=a.corpus)
 
     return run
 
@@ -176,12 +394,18 @@ def _eval(p: argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------------- demo
 @verb("demo")
 def _demo(p: argparse.ArgumentParser):
-    p.description = "The end-to-end demo that `make demo` runs."
+    p.description = ("The end-to-end demo (`make demo`): fetch the bundled english-mix corpus, train a tiny "
+                     "Hyperloop and its depth-matched Transformer, evaluate, quantize to INT4, generate, and "
+                     "print a comparison table. Finished runs are reused on a second call.")
+    p.add_argument("--out", default="runs", help="directory for the two runs and demo.md/demo.json")
+    p.add_argument("--tokens", type=int, default=600_000, help="training tokens per model")
+    p.add_argument("--no-quantize", action="store_true")
+    p.add_argument("--no-generate", action="store_true")
 
     def run(a):
         from hyperloop_lm.demo import main as demo_main
 
-        demo_main()
+        demo_main(a.out, a.tokens, quantize=not a.no_quantize, generate=not a.no_generate)
 
     return run
 
