@@ -20,7 +20,9 @@ OUT = Path("reports/bench")
 
 def summarize(name: str, r: dict) -> list[str]:
     lines = [f"## {name}", ""]
-    if "ratio_to_transformer" in r:
+    if "markdown" in r:
+        lines += [r["markdown"]]
+    elif "ratio_to_transformer" in r:
         lines += ["| family | tok/s | ratio to Transformer | target |", "|---|---|---|---|"]
         for f, v in r["tok_s"].items():
             target = r.get("targets", {}).get(f)

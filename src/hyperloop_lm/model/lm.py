@@ -163,22 +163,18 @@ class LM(nn.Module):
         past = cache.pos if cache is not None else 0
         if past + T > self.cfg.max_seq_len:
             raise UserError(f"sequence of {past + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        q_abs = torch.arange(past, past + T, device=device)  # absolute positions of the new tokens
+        causal = torch.arange(past + T, device=device)[None, :] <= q_abs[:, None]  # (T, S); shape-only: traceable
         if attention_mask is None:
-            pos = torch.arange(past, past + T, device=device).unsqueeze(0)  # (1, T)
-            mask = None
-            if cache is not None and T > 1:  # causal w.r.t. absolute cache positions
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)[None, None]
-            elif cache is not None:
-                mask = torch.ones(1, 1, 1, past + 1, dtype=torch.bool, device=device)
+            pos = q_abs.unsqueeze(0)  # (1, T)
+            mask = causal[None, None] if cache is not None else None  # no cache: SDPA's is_causal
         else:
             if attention_mask.shape != (B, past + T):
                 raise UserError(f"attention_mask must have shape (batch, cached + new tokens) = {(B, past + T)}, "
                                 f"got {tuple(attention_mask.shape)}")
             keep = attention_mask.bool()
             pos = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # real-token positions (left padding)
-            causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
-            own = torch.zeros_like(causal)
-            own[torch.arange(T), torch.arange(past, past + T)] = True  # a pad query sees itself: no NaN rows
+            own = torch.arange(past + T, device=device)[None, :] == q_abs[:, None]  # a pad query sees itself: no NaN
             mask = ((causal & keep[:, None, :]) | own)[:, None]  # (B, 1, T, S)
         return ForwardContext(self.rope_cos[pos], self.rope_sin[pos], mask, cache)
 
