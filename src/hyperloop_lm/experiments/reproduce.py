@@ -119,14 +119,16 @@ POST = {"int4": post_int4, "loops": post_loops, "analysis": post_analysis, "zero
 
 
 # ------------------------------------------------------------------ the suite
-def _worker(args: tuple) -> str:
+def _worker(args: tuple) -> tuple[str, str]:
     suite, scale, cell, seed, threads, runs_root, results_root, command, corpus = args
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     r = run_cell(suite, scale, cell, seed, runs_root=runs_root, results_root=results_root, command=command,
                  corpus=corpus)
+    if r.get("status") == "interrupted":
+        return f"{cell.name} seed {seed}: interrupted at step {r['step']} (checkpoint saved)", "interrupted"
     val = r.get("val") or {}
-    return f"{cell.name} seed {seed}: val ppl {val.get('ppl', float('nan')):.2f} ({time.perf_counter() - t0:.0f}s)"
+    return f"{cell.name} seed {seed}: val ppl {val.get('ppl', float('nan')):.2f} ({time.perf_counter() - t0:.0f}s)", "ok"
 
 
 def reproduce(suite: str, scale: str, seeds: int = 1, workers: int = 1, only: list[str] | None = None,
@@ -151,11 +153,17 @@ def reproduce(suite: str, scale: str, seeds: int = 1, workers: int = 1, only: li
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(workers) as pool:
-            for msg in pool.imap_unordered(_worker, jobs):
+            for msg, status in pool.imap_unordered(_worker, jobs):
                 print(msg, flush=True)
+                if status == "interrupted":  # Ctrl-C / SIGTERM: stop the suite, not just one cell
+                    pool.terminate()
+                    break
     else:
         for job in jobs:
-            print(_worker(job), flush=True)
+            msg, status = _worker(job)
+            print(msg, flush=True)
+            if status == "interrupted":
+                break
     paths = sorted((results_root / suite / scale).glob("*.json"))
     if render:
         from hyperloop_lm.experiments.report import render_report
