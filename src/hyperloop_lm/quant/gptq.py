@@ -41,14 +41,25 @@ Numerics: fp32 throughout (like the reference), on whatever device W lives on (c
 `compute_dtype=torch.float64` exists for verification and small layers.
 
 ===================================================================================================
-LOOPED MODELS: ORDER OF QUANTIZATION (to be written by the model-level driver)
+LOOPED MODELS: ORDER OF QUANTIZATION (implemented by `quant/driver.py::quantize_model`)
 ---------------------------------------------------------------------------------------------------
-The layer-level pieces here support the paper's one change (spec section 4): a shared linear layer
-gets ONE `HessianAccumulator`, fed by `add_batch` from *every* call of that layer across all loops,
-and its weight is quantized once. The driver will describe here the sequential order it uses:
-  - begin block: ...
-  - middle (shared) block: Hessians collected over all loops, quantize once, propagate ...
-  - end block: ...
+The paper's one change (spec section 4): a shared linear layer gets ONE `HessianAccumulator`, fed
+from *every* call of that layer across all loops, and its weight is quantized once (one set of packed
+buffers in the checkpoint). The driver quantizes one linear at a time, always capturing its inputs
+from the model in its current state, i.e. with every earlier layer already quantized:
+  - embedding (only with quantize_embeddings): RTN per row, first, so all later inputs see it.
+  - begin block: layer by layer; inside a layer wqkv, wo, gate_up, down in forward order, each
+    Hessian captured after its predecessors were replaced by their quantized versions.
+  - middle (shared) block: for each shared linear, in the same order, run the whole loop schedule;
+    its hook fires once per loop and sums x x^T over all calls of all loops (loop 0's inputs come
+    from the quantized begin block, loop l's from loops < l running the already-quantized shared
+    layers); quantize once; the next linear's capture then propagates through all loops with it.
+  - end block: like the begin block, from the quantized middle's output.
+  - head (only with quantize_embeddings): GPTQ with the Hessian of the final-norm output (or RTN).
+Capture: begin/end blocks record their inputs once (with all earlier layers quantized) and are
+re-run alone for each of their linears; a shared middle linear is captured in full forward passes
+(cut short after its last call), where its hook fires once per loop. Cost and memory: see the
+driver's docstring.
 ===================================================================================================
 """
 from __future__ import annotations

@@ -160,3 +160,46 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}, act_order={self.perm is not None}"
         )
+
+
+class QuantizedEmbedding(QuantizedLinear):
+    """nn.Embedding whose table (num_embeddings, dim) is stored like a QuantizedLinear weight: each
+    row (one token) has its own packed codes and per-group scales/zeros along `dim`.
+
+    A lookup unpacks and dequantizes only the rows it needs, so the table is never materialized in
+    fp32. Same buffers and byte layout as QuantizedLinear (out = num_embeddings, in = dim); no bias,
+    no act-order (row quantization by RTN: an embedding has no input Hessian to order columns by).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 4, group_size: int = 128,
+                 device: torch.device | str | None = None):
+        super().__init__(embedding_dim, num_embeddings, bits, group_size, bias=False, act_order=False, device=device)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    @classmethod
+    def from_codes(cls, qw: QuantizedWeight, bias: Tensor | None = None) -> "QuantizedEmbedding":
+        if bias is not None or qw.perm is not None:
+            raise ValueError("a quantized embedding has no bias and no column permutation")
+        n_rows, dim = qw.codes.shape
+        layer = cls(n_rows, dim, qw.bits, qw.group_size, device=qw.codes.device)
+        layer.qweight.copy_(pack_codes(qw.codes, qw.bits))
+        layer.scales.copy_(qw.scales)
+        layer.zeros.copy_(qw.zeros)
+        return layer
+
+    def forward(self, idx: Tensor) -> Tensor:  # idx (...) int64 -> (..., dim) fp32
+        flat = idx.reshape(-1)
+        q = unpack_codes(self.qweight[flat], self.bits, self.in_features, torch.float32)  # (n, dim)
+        w = dequantize_codes_(q, self.scales[flat], self.zeros[flat], self.group_size)
+        return w.view(*idx.shape, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, bits={self.bits}, "
+                f"group_size={self.group_size}")

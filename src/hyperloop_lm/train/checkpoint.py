@@ -164,6 +164,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
 
     path = resolve(path)
     meta = read_meta(path)
+    if "quantization" in meta:  # a packed low-bit checkpoint written by `hyperloop-lm quantize`
+        from hyperloop_lm.quant.checkpoint import load_quantized
+
+        return load_quantized(path, device, **overrides)
     cfg = ModelConfig.from_dict({**meta["model"], **overrides})
     model = LM(cfg)
     load_into(model, path)
