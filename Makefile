@@ -3,7 +3,9 @@ PY      ?= python3.11
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
+# STAMP: the package + runtime dependencies (make demo); DEV: + test/integration extras (make test)
 STAMP   := $(VENV)/.installed
+DEV     := $(VENV)/.installed-dev
 
 .PHONY: help install install-dev demo test test-slow bench reproduce clean
 
@@ -17,23 +19,27 @@ $(BIN)/python:
 # torch first, pinned, so no dependency can pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e .
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv with the package and dev dependencies
+$(DEV): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(DEV)
 
-install-dev: $(STAMP)
+install: $(STAMP)  ## create .venv with the package
+
+install-dev: $(DEV)  ## + dev dependencies (pytest, transformers, onnx, lm-eval, ...)
 
 demo: $(STAMP)  ## fetch the corpus, train Hyperloop + Transformer, eval, quantize, generate, compare
 	$(BIN)/hyperloop-lm demo
 
-test: $(STAMP)  ## run the fast test suite (exit code 5 = no tests = failure)
+test: $(DEV)  ## run the fast test suite (exit code 5 = no tests = failure)
 	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
-test-slow: $(STAMP)  ## run only the slow tests (real corpus fetch, long training)
+test-slow: $(DEV)  ## run only the slow tests (real corpus fetch, long training)
 	$(BIN)/python -m pytest -m slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
-bench: $(STAMP)  ## benchmarks -> reports/bench/*.json + summary.md
+bench: $(DEV)  ## benchmarks -> reports/bench/*.json + summary.md
 	$(BIN)/python -m benchmarks.run
 
 clean:

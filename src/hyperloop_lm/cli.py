@@ -377,6 +377,7 @@ def _reproduce(p: argparse.ArgumentParser):
     p.add_argument("--workers", type=int, default=1, help="cells trained in parallel (threads split between them)")
     p.add_argument("--only", help="comma-separated cell names to run (default: all)")
     p.add_argument("--corpus", help="override the scale's corpus (e.g. a local text directory)")
+    p.add_argument("--tokens", type=int, help="override the scale's tokens per run (results are labelled SCALE@Nk)")
     p.add_argument("--render-only", action="store_true", help="only re-render docs/reproduction.md")
 
     def run(a):
@@ -386,7 +387,8 @@ def _reproduce(p: argparse.ArgumentParser):
         if a.render_only:
             print(f"wrote {render_report()}")
             return
-        reproduce(a.suite, a.scale, a.seeds, a.workers, a.only.split(",") if a.only else None, corpus=a.corpus)
+        reproduce(a.suite, a.scale, a.seeds, a.workers, a.only.split(",") if a.only else None, corpus=a.corpus,
+                  tokens=a.tokens)
 
     return run
 

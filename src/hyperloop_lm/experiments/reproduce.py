@@ -25,11 +25,24 @@ RUNS = Path("runs/reproduce")
 RESULTS = Path("reports/reproduce")
 
 
+def scale_label(scale: str, tokens: int | None) -> str:
+    """A token override gets its own label (e.g. cpu-tiny@300k), so short runs never mix with full ones."""
+    return scale if not tokens else f"{scale}@{tokens // 1000}k"
+
+
+def base_scale(label: str) -> tuple[str, int | None]:
+    scale, _, tok = label.partition("@")
+    return scale, int(tok[:-1]) * 1000 if tok else None
+
+
 def cell_config(suite: str, scale: str, cell: Cell, seed: int, runs_root: Path = RUNS, corpus: str | None = None):
     from hyperloop_lm.train.config import TrainConfig
 
-    sc = SCALES[scale]
+    name, tokens = base_scale(scale)
+    sc = SCALES[name]
     data = {"corpus": corpus} if corpus else {}
+    if tokens:
+        data["tokens"] = tokens
     return TrainConfig(model=f"{sc.preset}-{cell.family}", model_overrides=dict(cell.model),
                        **{**sc.train, **cell.train, **data}, seed=seed, progress=False,
                        out_dir=str(runs_root / suite / scale / cell.name / f"seed{seed}"))
@@ -80,7 +93,7 @@ def post_int4(cfg, scale: str) -> dict[str, Any] | None:
     except ImportError:
         return None
     out = Path(cfg.out_dir) / "int4-gptq"
-    calib = 16 if scale == "micro" else 128
+    calib = 16 if scale.startswith("micro") else 128
     return quantize_checkpoint(cfg.out_dir, out, method="gptq", bits=4, group_size=128, calib_seqs=calib,
                                eval_tokens=cfg.eval_tokens)
 
@@ -112,7 +125,7 @@ def post_zeroshot(cfg, scale: str) -> dict[str, Any] | None:
         from hyperloop_lm.eval.offline_tasks import run_offline_suite
     except ImportError:
         return None
-    return run_offline_suite(cfg.out_dir, limit=50 if scale == "micro" else 300, progress=False)
+    return run_offline_suite(cfg.out_dir, limit=50 if scale.startswith("micro") else 300, progress=False)
 
 
 POST = {"int4": post_int4, "loops": post_loops, "analysis": post_analysis, "zeroshot": post_zeroshot}
@@ -133,16 +146,20 @@ def _worker(args: tuple) -> tuple[str, str]:
 
 def reproduce(suite: str, scale: str, seeds: int = 1, workers: int = 1, only: list[str] | None = None,
               runs_root: Path = RUNS, results_root: Path = RESULTS, render: bool = True,
-              corpus: str | None = None, docs: Path = Path("docs/reproduction.md")) -> list[Path]:
+              corpus: str | None = None, docs: Path = Path("docs/reproduction.md"),
+              tokens: int | None = None) -> list[Path]:
     if scale not in SCALES:
         raise UserError(f"unknown scale '{scale}'; choose from {', '.join(SCALES)}")
-    if scale in ("gpu-small", "paper-240m") and not torch.cuda.is_available():
+    preset_scale = SCALES[scale].preset
+    scale = scale_label(scale, tokens)
+    if preset_scale in ("gpu-small", "240m") and not torch.cuda.is_available():
         raise UserError(f"scale {scale} needs a GPU (torch.cuda.is_available() is False); use cpu-tiny or cpu-small")
-    suite_cells = cells(suite, SCALES[scale].preset)
+    suite_cells = cells(suite, preset_scale)
     if only:
         suite_cells = [c for c in suite_cells if c.name in only]
+    name, tok = base_scale(scale)
     command = "hyperloop-lm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("hyperloop-lm") \
-        else f"hyperloop-lm reproduce --suite {suite} --scale {scale} --seeds {seeds}"
+        else f"hyperloop-lm reproduce --suite {suite} --scale {name} --seeds {seeds}" + (f" --tokens {tok}" if tok else "")
     todo = [(c, s) for s in range(seeds) for c in suite_cells
             if not result_path(suite, scale, c, s, results_root).exists()]  # seed-major: balanced partial results
     done = len(suite_cells) * seeds - len(todo)
