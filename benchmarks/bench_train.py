@@ -69,6 +69,5 @@ def run_scale(quick: bool = False, scale: str = "tiny", batch: int = 8, seq_len:
 
 
 if __name__ == "__main__":
-    import json
 
     print(run()["markdown"])

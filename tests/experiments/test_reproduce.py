@@ -1,7 +1,7 @@
 """The reproduction pipeline end to end at micro scale: train, post-measure, resume-skip, render."""
 import json
 
-from hyperloop_lm.experiments.report import paired_diff, render_report
+from hyperloop_lm.experiments.report import paired_diff
 from hyperloop_lm.experiments.reproduce import reproduce
 from hyperloop_lm.experiments.suites import SCALES, cells
 

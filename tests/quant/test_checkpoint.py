@@ -1,7 +1,6 @@
 """Quantized checkpoints: round trip, size, all families, clear errors; the quantize CLI and reports."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 

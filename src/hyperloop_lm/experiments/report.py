@@ -10,7 +10,6 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 from hyperloop_lm.utils import atomic_write_text
 from hyperloop_lm.utils_format import fmt_bytes, fmt_count, markdown_table
