@@ -211,7 +211,8 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict[str,
             else:
                 ckpt.load_into(model, resume_from)
             optimizer.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["loader"][rank] if isinstance(state["loader"], list) else state["loader"])
+        # every rank's position is the same (epoch, global batch), so any saved rank's state fits any world size
+        loader.load_state_dict(state["loader"][0] if isinstance(state["loader"], list) else state["loader"])
         torch.set_rng_state(state["rng"])
         step, best, history = state["step"], state.get("best", math.inf), state.get("history", [])
         if main:
