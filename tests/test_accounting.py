@@ -74,11 +74,10 @@ def _math_sdpa(q, k, v, attn_mask=None, is_causal=False):
     return scores.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(h_res="sinkhorn"), dict(hc_every=1)])
-@pytest.mark.parametrize("family", ["transformer", "mhc", "looped", "hyperloop"])
+@pytest.mark.parametrize("family,kw", [("transformer", {}), ("mhc", {}), ("looped", {}), ("looped", dict(lora_rank=4)),
+                                       ("hyperloop", {}), ("hyperloop", dict(h_res="sinkhorn")),
+                                       ("hyperloop", dict(hc_every=1))])
 def test_flops_match_flop_counter(family, kw, monkeypatch):
-    if kw and family != "hyperloop":
-        pytest.skip("HC ablations apply to Hyperloop")
     monkeypatch.setattr(F, "scaled_dot_product_attention", _math_sdpa)
     cfg = get_preset(f"tiny-{family}", **kw)
     model = LM(cfg)
