@@ -72,6 +72,7 @@ def _int4(r: dict) -> float | None:
 
 
 def _plot(path: Path, draw) -> str:
+    path = path.with_name(path.name.replace("@", "-"))  # plain file names (scale labels carry '@')
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,17 +138,21 @@ def section_table1(scale: str, cellmap: dict[str, list[dict]], img: Path) -> lis
     return lines
 
 
-def section_cells(suite: str, scale: str, cellmap: dict[str, list[dict]], ref_cell: str) -> list[str]:
-    ref = cellmap.get(ref_cell, [])
+def section_cells(suite: str, scale: str, cellmap: dict[str, list[dict]], ref_cell: str,
+                  ref_of=None) -> list[str]:
+    """ref_of(name, results) -> the reference cell's name for that row (default: ref_cell for all)."""
     rows = []
     for name, rs in cellmap.items():
+        ref_name = ref_of(name, rs) if ref_of else ref_cell
+        ref = cellmap.get(ref_name, [])
         m = rs[0]["model"]
         sched = f"{m['n_begin']}-{m['n_middle']}x{m['loops']}-{m['n_end']}" if m["n_middle"] else f"{m['n_begin']}L"
         opt = rs[0].get("optimizer_state_bytes")
         rows.append([name, rs[0]["family"], sched, fmt_count(rs[0]["unique_params"]), mean_std(ppls(rs)),
-                     fmt_diff(paired_diff(rs, ref)) if name != ref_cell else "ref",
+                     fmt_diff(paired_diff(rs, ref)) if name != ref_name else "ref",
                      f"{statistics.mean(r['train_tok_s'] for r in rs):.0f}", fmt_bytes(opt) if opt else "-", len(rs)])
-    return [markdown_table(["cell", "family", "schedule", "unique params", "val ppl", f"diff vs {ref_cell} [95% CI]",
+    return [markdown_table(["cell", "family", "schedule", "unique params", "val ppl",
+                            f"diff vs {'the family AdamW run' if ref_of else ref_cell} [95% CI]",
                             "train tok/s", "optimizer state", "seeds"], rows), ""]
 
 
@@ -209,6 +214,25 @@ def section_analysis(scale: str, cellmap: dict[str, list[dict]], img: Path) -> l
     return lines
 
 
+def section_optimizers(scale: str, cellmap: dict[str, list[dict]], img: Path) -> list[str]:
+    """AdamW vs GaLore vs one-sided LoRA: held-out ppl beside optimizer-state memory, per cell."""
+    lines = section_cells("optimizers", scale, cellmap, "", ref_of=lambda n, rs: f"{rs[0]['family']}_adamw")
+    names = list(cellmap)
+
+    def draw(ax):
+        ppl = [statistics.mean(ppls(cellmap[n])) for n in names]
+        mem = [(cellmap[n][0].get("optimizer_state_bytes") or 0) / 2**20 for n in names]
+        colors = ["C0" if n.startswith("transformer") else "C3" for n in names]
+        ax.scatter(mem, ppl, c=colors)
+        for n, x, y in zip(names, mem, ppl):
+            ax.annotate(n.split("_", 1)[1], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("optimizer state (MiB, measured)")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title("blue: Transformer, red: Hyperloop", fontsize=8)
+
+    return lines + [f"![](img/{_plot(img / f'optimizers-{scale}.png', draw)})", ""]
+
+
 def render_report(results_root: Path = Path("reports/reproduce"), docs: Path = Path("docs/reproduction.md")) -> Path:
     results = load_results(results_root)
     img = docs.parent / "img"
@@ -227,6 +251,8 @@ def render_report(results_root: Path = Path("reports/reproduce"), docs: Path = P
             out += section_loops(scale, cellmap, img)
         elif suite == "analysis":
             out += section_analysis(scale, cellmap, img)
+        elif suite == "optimizers":
+            out += section_optimizers(scale, cellmap, img)
         else:
             out += section_cells(suite, scale, cellmap, "hyperloop" if suite == "ablations" else
                                  next(iter(cellmap)))
