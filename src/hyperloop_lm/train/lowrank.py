@@ -245,7 +245,24 @@ class _AdamWBase(torch.optim.Optimizer):
     an fp32 projector into bf16 and break bit-exact resumption).
     """
 
-    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        rank: int | None = None,
+        scale: float = 0.25,
+        proj_gap: int = 200,
+        proj: str = "svd",
+        proj_seed: int = 0,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            rank=rank, scale=scale, proj_gap=proj_gap, proj=proj, proj_seed=proj_seed,
+        )
         if not 0.0 <= defaults["lr"]:
             raise UserError(f"lr must be >= 0, got {defaults['lr']}")
         b1, b2 = defaults["betas"]
@@ -322,25 +339,9 @@ class GaLoreAdamW(_AdamWBase):
     weight of a group is seeded from (proj_seed, i, k): no RNG state to save.
     """
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        *,
-        rank: int | None = None,
-        scale: float = 0.25,
-        proj_gap: int = 200,
-        proj: str = "svd",
-        proj_seed: int = 0,
-    ) -> None:
-        defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            rank=rank, scale=scale, proj_gap=proj_gap, proj=proj, proj_seed=proj_seed,
-        )
-        super().__init__(params, defaults)
+    def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Same arguments as _AdamWBase (lr, betas, eps, weight_decay, rank, scale, proj_gap, proj, proj_seed)."""
+        super().__init__(params, *args, **kwargs)
         for group in self.param_groups:
             if group["rank"] is not None:
                 for p in group["params"]:
@@ -530,26 +531,9 @@ class OneSidedLoRAAdamW(_AdamWBase):
     ``exp_avg_sq``. P, C and W0 are saved with the model's state_dict.
     """
 
-    def __init__(
-        self,
-        params: Any,
-        sites: Sequence[LoRASite],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        *,
-        rank: int | None = None,
-        scale: float = 0.25,
-        proj_gap: int = 200,
-        proj: str = "svd",
-        proj_seed: int = 0,
-    ) -> None:
-        defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            rank=rank, scale=scale, proj_gap=proj_gap, proj=proj, proj_seed=proj_seed,
-        )
-        super().__init__(params, defaults)
+    def __init__(self, params: Any, sites: Sequence[LoRASite], *args: Any, **kwargs: Any) -> None:
+        """`sites`: the wrapped weights; the rest as _AdamWBase (lr, betas, eps, weight_decay, rank, ...)."""
+        super().__init__(params, *args, **kwargs)
         self.sites = list(sites)
         self._site_of = {id(s.adapter.C): s for s in self.sites}
         for group in self.param_groups:
