@@ -9,7 +9,8 @@ from hyperloop_lm.experiments.suites import SCALES, cells
 def test_reproduce_micro_end_to_end(train_corpus, cache_env, tmp_path):
     kw = dict(runs_root=tmp_path / "runs", results_root=tmp_path / "results", corpus=str(train_corpus),
               docs=tmp_path / "docs" / "reproduction.md")
-    paths = reproduce("table1", "micro", seeds=2, only=["transformer", "hyperloop"], **kw)
+    # two worker processes: the pool path, where a fork inside lm-eval once deadlocked a worker
+    paths = reproduce("table1", "micro", seeds=2, only=["transformer", "hyperloop"], workers=2, **kw)
     assert len(paths) == 4
     r = json.loads(paths[0].read_text())
     assert r["val"]["ppl"] > 1 and r["history"] and r["git"] and r["machine"]

@@ -11,7 +11,9 @@ the rest (for LAMBADA: the target is the greedy continuation).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import logging
 import math
 import time
@@ -110,6 +112,21 @@ def load_tasks(tm, names: list[str]) -> list:
     return tasks
 
 
+@contextlib.contextmanager
+def _env(**values: str):
+    """Set environment variables for the duration of a block, then restore them."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def evaluate_tasks(checkpoint: str | Path | None, tasks: str | Sequence[str], *, limit: int | float | None = None,
                    include_path: str | Path | Sequence[str | Path] | None = None, corpus=None,
                    suite_params: SuiteParams = SuiteParams(), output: str | Path | None = None,
@@ -145,8 +162,11 @@ def evaluate_tasks(checkpoint: str | Path | None, tasks: str | Sequence[str], *,
         for task in obj.get_all_tasks() if hasattr(obj, "get_all_tasks") else [obj]:
             task.set_config(key="num_fewshot", value=0)
     # bootstrap_iters only affects stderr of non-mean metrics (perplexity); 1000 is plenty for a stderr.
-    raw = lm_eval.simple_evaluate(model=lm, tasks=loaded, task_manager=tm, num_fewshot=0, limit=limit,
-                                  bootstrap_iters=bootstrap_iters, log_samples=False)
+    # lm-eval bootstraps in a forked multiprocessing.Pool unless DISABLE_MULTIPROC is set; forking a process
+    # that holds torch threads, or a worker of `reproduce --workers`, deadlocked and signalled its siblings.
+    with _env(DISABLE_MULTIPROC="1"):
+        raw = lm_eval.simple_evaluate(model=lm, tasks=loaded, task_manager=tm, num_fewshot=0, limit=limit,
+                                      bootstrap_iters=bootstrap_iters, log_samples=False)
     res = summarize(raw, {**PAPER_TASKS, **OFFLINE_METRIC, **(task_acc_metric or {})})
     res.update(checkpoint=lm.checkpoint, model=getattr(lm.model.cfg, "name", None), lm_eval_version=lm_eval.__version__,
                limit=limit, num_fewshot=0, max_length=lm.max_length, loops=lm.loops,
