@@ -25,12 +25,41 @@ from hyperloop_lm.config import ModelConfig, logit
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     """Doubly-stochastic projection of (..., n, n) logits: exp (max-subtracted), then `iters` rounds of
-    column then row normalisation, in fp32."""
-    m = (logits.float() - logits.float().amax(dim=(-2, -1), keepdim=True)).exp()
-    for _ in range(iters):
-        m = m / m.sum(dim=-2, keepdim=True)  # columns
-        m = m / m.sum(dim=-1, keepdim=True)  # rows
-    return m
+    column then row normalisation, in fp32. Differentiable: the exact gradient of these iterations."""
+    return _Sinkhorn.apply(logits.to(torch.promote_types(logits.dtype, torch.float32)), iters)
+
+
+class _Sinkhorn(torch.autograd.Function):
+    """Sinkhorn with a hand-written backward through every iteration, ~6x faster than autograd on CPU.
+
+    Per token the matrices are only n x n, so autograd's per-op overhead (and its strided reductions
+    over size-n rows) dominated mHC training. Here the token axes go last, so each normalisation is a
+    few contiguous vector ops, and the backward of out = m / sum(m) is (g - sum(g * out)) / sum(m).
+    The max-subtraction needs no gradient: the result is invariant to a constant shift of the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, iters: int) -> torch.Tensor:
+        m = (logits - logits.amax(dim=(-2, -1), keepdim=True)).exp()
+        m = m.movedim((-2, -1), (0, 1)).contiguous()  # (n, n, ...): reductions over rows/cols are vector adds
+        sums = []
+        for _ in range(iters):
+            for dim in (0, 1):  # columns, then rows
+                s = m.sum(dim, keepdim=True)
+                m = m / s
+                sums.append(s)
+        ctx.save_for_backward(m, *sums)
+        return m.movedim((0, 1), (-2, -1)).contiguous()  # a strided result would make bmm loop per token
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        m, *sums = ctx.saved_tensors
+        g = grad.movedim((-2, -1), (0, 1)).contiguous()
+        for k in reversed(range(len(sums))):  # m is the output of step k; its input was m * s
+            g = (g - (g * m).sum(k % 2, keepdim=True)) / sums[k]
+            m = m * sums[k]
+        return (g * m).movedim((0, 1), (-2, -1)).contiguous(), None  # m is now exp(logits - max)
 
 
 class HyperConnection(nn.Module):
