@@ -78,8 +78,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, loops: int | N
 def _hc_site_matmul(cfg: ModelConfig, res_kind: str) -> int:
     n, d = cfg.n_streams, cfg.d_model
     res_rows = {"diagonal": n, "sinkhorn": n * n, "identity": 0}[res_kind]
-    mix = 2 * n * n * d if res_kind == "sinkhorn" else 0  # dense stream mixing res @ y
-    return 2 * (2 * n + res_rows) * n * d + mix  # coefficient projection (+ dense mixing); the read is elementwise
+    read = 2 * n * d  # pre @ y: the one weighted sum F reads
+    mix = 2 * n * (n + 1) * d if res_kind == "sinkhorn" else 0  # [H_res | post] @ [y; u]; diagonal is elementwise
+    return 2 * (2 * n + res_rows) * n * d + read + mix  # coefficient projection + read (+ dense mixing)
 
 
 def kv_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2, loops: int | None = None) -> int:

@@ -41,7 +41,8 @@ class _Sinkhorn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, iters: int) -> torch.Tensor:
         m = (logits - logits.amax(dim=(-2, -1), keepdim=True)).exp()
-        m = m.movedim((-2, -1), (0, 1)).contiguous()  # (n, n, ...): reductions over rows/cols are vector adds
+        d = m.dim()  # positive axes: ONNX export rejects a Transpose with negative perm
+        m = m.movedim((d - 2, d - 1), (0, 1)).contiguous()  # (n, n, ...): reductions over rows/cols are vector adds
         sums = []
         for _ in range(iters):
             for dim in (0, 1):  # columns, then rows
@@ -49,7 +50,7 @@ class _Sinkhorn(torch.autograd.Function):
                 m = m / s
                 sums.append(s)
         ctx.save_for_backward(m, *sums)
-        return m.movedim((0, 1), (-2, -1)).contiguous()  # a strided result would make bmm loop per token
+        return m.movedim((0, 1), (d - 2, d - 1)).contiguous()  # a strided result would make bmm loop per token
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -74,6 +75,7 @@ class HyperConnection(nn.Module):
             res_bias = torch.full((n, n), res_offdiag).fill_diagonal_(0.0).flatten()
         self.bias = nn.Parameter(torch.cat([torch.full((n,), pre_bias), torch.zeros(n), res_bias]))
         self.gate = nn.Parameter(torch.full((2 + (res_rows > 0),), gate_init))  # a_pre, a_post[, a_res]
+        self.rows = (n, n, res_rows)  # projected rows per gate
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, res_kind: str) -> "HyperConnection":
@@ -91,25 +93,31 @@ class HyperConnection(nn.Module):
         """pre (..., n), post (..., n), res (..., n) | (..., n, n) | None, all fp32, from y (..., n, C)."""
         n = self.n
         with torch.autocast(device_type=y.device.type, enabled=False):
-            z = F.rms_norm(y.flatten(-2).float(), (n * self.dim,), eps=self.eps)
-            h = F.linear(z, self.weight.float())  # (..., rows)
-            gate, bias = self.gate.float(), self.bias.float()
-            pre = torch.sigmoid(gate[0] * h[..., :n] + bias[:n])
-            post = 2 * torch.sigmoid(gate[1] * h[..., n : 2 * n] + bias[n : 2 * n])
-            res = None
-            if self.res_kind != "identity":
-                r = gate[2] * h[..., 2 * n :] + bias[2 * n :]
-                res = torch.sigmoid(r) if self.res_kind == "diagonal" else sinkhorn(r.unflatten(-1, (n, n)), self.sinkhorn_iters)
+            f = y.flatten(-2).float()
+            # a * W RMSNorm(f) + b == (W f) * (a / rms(f)) + b: the normalised stream is never materialised,
+            # and all rows are gated and biased in one op (half the ops of the plain form; decode is op-bound)
+            ms = torch.linalg.vector_norm(f, dim=-1, keepdim=True).square() / (n * self.dim)
+            gate = self.gate.float()
+            gate_of_row = torch.cat([gate[i : i + 1].expand(k) for i, k in enumerate(self.rows) if k])
+            scale = torch.rsqrt(ms + self.eps) * gate_of_row  # (..., rows)
+            logits = torch.addcmul(self.bias.float(), F.linear(f, self.weight.float()), scale)
+            if self.res_kind == "sinkhorn":
+                gates = torch.sigmoid(logits[..., : 2 * n])
+                res = sinkhorn(logits[..., 2 * n :].unflatten(-1, (n, n)), self.sinkhorn_iters)
+            else:
+                gates = torch.sigmoid(logits)  # diagonal H_res is a sigmoid too
+                res = gates[..., 2 * n :] if self.res_kind == "diagonal" else None
+            pre, post = gates[..., :n], 2 * gates[..., n : 2 * n]
         return pre, post, res
 
     def forward(self, y: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """y: (..., n, C) -> (..., n, C)."""
         pre, post, res = self.coefficients(y)
-        u = fn((pre.to(y.dtype).unsqueeze(-1) * y).sum(-2))  # F reads one weighted sum (4x faster than einsum on CPU)
+        pre, post = pre.to(y.dtype), post.to(y.dtype)
+        u = fn((pre.unsqueeze(-2) @ y).squeeze(-2))  # F reads one weighted sum of the streams
         if res is None:
-            mixed = y
-        elif res.dim() == pre.dim():
-            mixed = res.to(y.dtype).unsqueeze(-1) * y  # diagonal decay
-        else:
-            mixed = torch.einsum("...ij,...jc->...ic", res.to(y.dtype), y)
-        return mixed + post.to(y.dtype).unsqueeze(-1) * u.unsqueeze(-2)
+            return torch.addcmul(y, post.unsqueeze(-1), u.unsqueeze(-2))
+        if res.dim() == pre.dim():  # diagonal decay
+            return torch.addcmul(res.to(y.dtype).unsqueeze(-1) * y, post.unsqueeze(-1), u.unsqueeze(-2))
+        # H_res y + post u^T as one batched matmul [H_res | post] @ [y; u] (2x faster than bmm + outer + add)
+        return torch.cat([res.to(y.dtype), post.unsqueeze(-1)], -1) @ torch.cat([y, u.unsqueeze(-2)], -2)
