@@ -91,33 +91,41 @@ class HyperConnection(nn.Module):
 
     def coefficients(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """pre (..., n), post (..., n), res (..., n) | (..., n, n) | None, all fp32, from y (..., n, C)."""
+        pre, half_post, res = self._gates(y)
+        return pre, 2 * half_post, res
+
+    def _gates(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """pre, post / 2, res. Written for few ops (decode is op-bound): a W RMSNorm(f) + b is computed as
+        (W f) * (a / rms(f)) + b, so the normalised stream is never materialised, and the n-row groups
+        that share a gate are gated and biased in one addcmul over a (..., groups, n) view."""
         n = self.n
         with torch.autocast(device_type=y.device.type, enabled=False):
-            f = y.flatten(-2).float()
-            # a * W RMSNorm(f) + b == (W f) * (a / rms(f)) + b: the normalised stream is never materialised,
-            # and all rows are gated and biased in one op (half the ops of the plain form; decode is op-bound)
+            f = _fp32(y.flatten(-2))
             ms = torch.linalg.vector_norm(f, dim=-1, keepdim=True).square() / (n * self.dim)
-            gate = self.gate.float()
-            gate_of_row = torch.cat([gate[i : i + 1].expand(k) for i, k in enumerate(self.rows) if k])
-            scale = torch.rsqrt(ms + self.eps) * gate_of_row  # (..., rows)
-            logits = torch.addcmul(self.bias.float(), F.linear(f, self.weight.float()), scale)
+            inv_rms = torch.rsqrt(ms + self.eps)  # (..., 1)
+            h = F.linear(f, _fp32(self.weight))  # (..., rows)
+            gate, bias = _fp32(self.gate), _fp32(self.bias)
+            k = 2 if self.res_kind == "sinkhorn" else len(gate)  # groups of n rows: pre, post[, diagonal res]
+            g = torch.addcmul(bias[: k * n].view(k, n), h[..., : k * n].unflatten(-1, (k, n)),
+                              inv_rms.unsqueeze(-1) * gate[:k, None]).sigmoid()  # (..., k, n)
+            res = g[..., 2, :] if self.res_kind == "diagonal" else None
             if self.res_kind == "sinkhorn":
-                gates = torch.sigmoid(logits[..., : 2 * n])
-                res = sinkhorn(logits[..., 2 * n :].unflatten(-1, (n, n)), self.sinkhorn_iters)
-            else:
-                gates = torch.sigmoid(logits)  # diagonal H_res is a sigmoid too
-                res = gates[..., 2 * n :] if self.res_kind == "diagonal" else None
-            pre, post = gates[..., :n], 2 * gates[..., n : 2 * n]
-        return pre, post, res
+                r = torch.addcmul(bias[2 * n :], h[..., 2 * n :], inv_rms * gate[2])
+                res = sinkhorn(r.unflatten(-1, (n, n)), self.sinkhorn_iters)
+        return g[..., 0, :], g[..., 1, :], res
 
     def forward(self, y: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """y: (..., n, C) -> (..., n, C)."""
-        pre, post, res = self.coefficients(y)
-        pre, post = pre.to(y.dtype), post.to(y.dtype)
+        pre, half_post, res = self._gates(y)
+        if y.dtype != pre.dtype:
+            pre, half_post, res = pre.to(y.dtype), half_post.to(y.dtype), None if res is None else res.to(y.dtype)
         u = fn((pre.unsqueeze(-2) @ y).squeeze(-2))  # F reads one weighted sum of the streams
-        if res is None:
-            return torch.addcmul(y, post.unsqueeze(-1), u.unsqueeze(-2))
-        if res.dim() == pre.dim():  # diagonal decay
-            return torch.addcmul(res.to(y.dtype).unsqueeze(-1) * y, post.unsqueeze(-1), u.unsqueeze(-2))
-        # H_res y + post u^T as one batched matmul [H_res | post] @ [y; u] (2x faster than bmm + outer + add)
-        return torch.cat([res.to(y.dtype), post.unsqueeze(-1)], -1) @ torch.cat([y, u.unsqueeze(-2)], -2)
+        if res is not None and res.dim() > pre.dim():
+            # H_res y + post u^T as one batched matmul [H_res | post] @ [y; u] (2x faster than bmm + outer + add)
+            return torch.cat([res, 2 * half_post.unsqueeze(-1)], -1) @ torch.cat([y, u.unsqueeze(-2)], -2)
+        kept = y if res is None else res.unsqueeze(-1) * y  # identity, or diagonal decay
+        return torch.addcmul(kept, half_post.unsqueeze(-1), u.unsqueeze(-2), value=2)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()  # skips a no-op dispatch per call
