@@ -18,6 +18,11 @@ def test_reproduce_micro_end_to_end(train_corpus, cache_env, tmp_path):
     before = {p: p.stat().st_mtime for p in paths}
     reproduce("table1", "micro", seeds=2, only=["transformer", "hyperloop"], **kw)  # all finished: skipped
     assert {p: p.stat().st_mtime for p in paths} == before
+    # the analysis suite's cells are table1's (same config, seed and posts): reused, not retrained
+    (analysis,) = reproduce("analysis", "micro", seeds=1, only=["hyperloop"], **kw)
+    reused = json.loads(analysis.read_text())
+    assert reused["reused_from"] == "table1/micro/hyperloop__seed0.json" and reused["suite"] == "analysis"
+    assert not (tmp_path / "runs" / "analysis").exists()
     doc = (tmp_path / "docs" / "reproduction.md").read_text()
     assert "## table1 @ micro" in doc and "hyperloop" in doc and "[" in doc  # a paired CI with 2 seeds
     assert list((tmp_path / "docs" / "img").glob("*.png"))

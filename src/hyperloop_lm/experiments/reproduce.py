@@ -73,6 +73,33 @@ def run_cell(suite: str, scale: str, cell: Cell, seed: int, *, runs_root: Path =
     return result
 
 
+# Fields that do not change what a run computes (where it is written, how often it checkpoints: resume
+# is bit-exact), so two cells differing only in these are the same experiment.
+_NOT_THE_EXPERIMENT = ("out_dir", "resume", "progress", "tensorboard", "keep_last", "ckpt_every", "log_every")
+
+
+def _experiment(train: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in train.items() if k not in _NOT_THE_EXPERIMENT}
+
+
+def reuse_result(suite: str, scale: str, cell: Cell, seed: int, results_root: Path = RESULTS,
+                 corpus: str | None = None) -> Path | None:
+    """Reuse the finished result of an identical run from another suite (e.g. the ablations' baseline cells
+    are table1's cells): same training config and seed, and every post-measurement this cell needs. The
+    copy records where it came from. Returns the new result path, or None."""
+    want = _experiment(cell_config(suite, scale, cell, seed, corpus=corpus).to_dict())
+    for other in sorted(results_root.glob(f"*/{scale}/*__seed{seed}.json")):
+        if other.parent.parent.name == suite:
+            continue
+        r = json.loads(other.read_text())
+        if _experiment(r.get("train", {})) == want and set(cell.post) <= set(r.get("post") or {}):
+            out = result_path(suite, scale, cell, seed, results_root)
+            r.update(suite=suite, cell=cell.name, reused_from=str(other.relative_to(results_root)))
+            atomic_write_text(out, json.dumps(r, indent=2))
+            return out
+    return None
+
+
 # ------------------------------------------------------------------ post-training measurements
 def _load(cfg):
     from hyperloop_lm.train.checkpoint import load_model
@@ -162,6 +189,11 @@ def reproduce(suite: str, scale: str, seeds: int = 1, workers: int = 1, only: li
         else f"hyperloop-lm reproduce --suite {suite} --scale {name} --seeds {seeds}" + (f" --tokens {tok}" if tok else "")
     todo = [(c, s) for s in range(seeds) for c in suite_cells
             if not result_path(suite, scale, c, s, results_root).exists()]  # seed-major: balanced partial results
+    reused = [(c, s) for c, s in todo if reuse_result(suite, scale, c, s, results_root, corpus)]
+    for c, s in reused:
+        source = json.loads(result_path(suite, scale, c, s, results_root).read_text())["reused_from"]
+        print(f"{c.name} seed {s}: reused the identical run {source}")
+    todo = [job for job in todo if job not in reused]
     done = len(suite_cells) * seeds - len(todo)
     print(f"reproduce {suite} @ {scale}: {len(suite_cells)} cells x {seeds} seeds, {done} done, {len(todo)} to run")
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else torch.get_num_threads()
