@@ -346,6 +346,8 @@ def _scaling(p: argparse.ArgumentParser):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--corpus", default="english-mix")
     p.add_argument("--truncate-backprop", type=int, default=0, help="gradients only through the last k loops")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of every run")
+    p.add_argument("--workers", type=int, default=1, help="runs trained in parallel (threads split between them)")
     p.add_argument("--out", default="docs/scaling", help="fit: directory for the fit JSON and plots")
     p.add_argument("--starts", type=int, default=500, help="fit: random L-BFGS-B starts")
     p.add_argument("--resamples", type=int, default=200, help="fit: bootstrap resamples")
@@ -356,7 +358,7 @@ def _scaling(p: argparse.ArgumentParser):
         if a.action == "sweep":
             scaling.sweep(a.family, a.depth, [int(x) for x in a.r.split(",")], [int(x) for x in a.widths.split(",")],
                           [float(x) for x in a.budgets.split(",")], corpus=a.corpus, seq_len=a.seq_len,
-                          truncate_backprop=a.truncate_backprop)
+                          lr=a.lr, truncate_backprop=a.truncate_backprop, workers=a.workers)
         else:
             print(scaling.fit(a.paths or ["reports/scaling"], a.out, a.starts, a.resamples))
 

@@ -45,46 +45,84 @@ def split_params(cfg) -> tuple[int, int]:
 def sweep(family: str, depth: int = 20, rs: Sequence[int] = (1, 2, 4, 8), widths: Sequence[int] = (64, 128),
           budgets: Sequence[float] = (3e12, 1e13, 3e13), corpus: str = "english-mix", vocab_size: int = 4096,
           seq_len: int = 128, batch_size: int = 16, lr: float = 3e-3, truncate_backprop: int = 0,
-          runs_root: Path = RUNS, results_root: Path = RESULTS, seed: int = 0) -> list[Path]:
+          runs_root: Path = RUNS, results_root: Path = RESULTS, seed: int = 0, workers: int = 1) -> list[Path]:
+    """Train every (budget, width, r) run not yet recorded; `workers` runs train in parallel processes
+    (one thread each when the cores are shared out). Returns the record paths of the whole grid."""
     from hyperloop_lm.config import ModelConfig
     from hyperloop_lm.model.accounting import flops_per_token
-    from hyperloop_lm.train.config import TrainConfig
-    from hyperloop_lm.train.trainer import train
 
     if family not in CONNECTION:
         raise UserError(f"family must be looped or hyperloop, got '{family}'")
     tag = family + (f"-tbptt{truncate_backprop}" if truncate_backprop else "")
-    paths = []
-    for budget in budgets:
+    paths, jobs = [], []
+    for budget in budgets:  # validate the whole grid before training anything
         for width in widths:
             for r in rs:
                 mc = arch_config(family, depth, r, width, vocab_size, seq_len)
-                cfg = ModelConfig.from_dict(mc)
                 arch = f"d{width}-r{r}"
                 out = results_root / tag / f"{arch}__C{budget:.0e}.json"
                 paths.append(out)
-                if out.exists():
-                    continue
-                tokens = int(budget / flops_per_token(cfg, seq_len)["train"])
+                tokens = int(budget / flops_per_token(ModelConfig.from_dict(mc), seq_len)["train"])
                 if tokens < batch_size * seq_len * 10:
-                    raise UserError(f"budget {budget:.0e} gives only {tokens} tokens for {arch}; raise the budgets")
-                tc = TrainConfig(model="micro-" + family, model_overrides={k: v for k, v in mc.items() if k != "vocab_size"},
-                                 corpus=corpus, vocab_size=vocab_size, seq_len=seq_len, batch_size=batch_size,
-                                 tokens=tokens, lr=lr, warmup_steps=max(1, tokens // (batch_size * seq_len) // 20),
-                                 eval_every=0, eval_tokens=100_000, ckpt_every=100, progress=False, seed=seed,
-                                 truncate_backprop=truncate_backprop, out_dir=str(runs_root / tag / arch / f"C{budget:.0e}"))
-                s = train(tc)
-                if s["status"] != "finished":
-                    return paths
-                n_once, n_rec = split_params(cfg)
-                # arch = the loop configuration: the widths at one budget form one bootstrap block
-                record = {"family": tag, "arch": f"r{r}", "run": arch, "budget": budget, "r": r, "width": width, "depth": depth,
-                          "n_once": n_once, "n_rec": n_rec, "tokens": s["tokens"], "val_loss": s["val"]["loss"],
-                          "val_ppl": s["val"]["ppl"], "train_tok_s": s["train_tok_s"], "git": s["git"],
-                          "truncate_backprop": truncate_backprop}
-                atomic_write_text(out, json.dumps(record, indent=2))
-                print(f"{tag} {arch} C={budget:.0e}: {s['tokens']:,} tokens, val loss {s['val']['loss']:.4f}", flush=True)
+                    raise UserError(f"budget {budget:.0e} gives only {tokens} tokens for {arch} (fewer than 10 "
+                                    f"steps of {batch_size}x{seq_len}); raise the budgets or lower the widths")
+                if not out.exists():
+                    run = dict(family=family, tag=tag, mc=mc, arch=arch, budget=budget, r=r, width=width, depth=depth,
+                               tokens=tokens, corpus=corpus, vocab_size=vocab_size, seq_len=seq_len,
+                               batch_size=batch_size, lr=lr, seed=seed, truncate_backprop=truncate_backprop,
+                               out_dir=str(runs_root / tag / arch / f"C{budget:.0e}"), record=str(out))
+                    jobs.append(run)
+    print(f"scaling sweep {tag}: {len(paths)} runs, {len(paths) - len(jobs)} done, {len(jobs)} to run", flush=True)
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+        import os
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for msg in pool.imap_unordered(_run_one, [(job, threads) for job in jobs]):
+                print(msg, flush=True)
+                if msg.endswith("interrupted"):
+                    pool.terminate()
+                    break
+    else:
+        for job in jobs:
+            msg = _run_one((job, 0))
+            print(msg, flush=True)
+            if msg.endswith("interrupted"):
+                break
     return paths
+
+
+def _run_one(args: tuple[dict[str, Any], int]) -> str:
+    """Train one grid point and write its record (a worker process in parallel sweeps)."""
+    import torch
+
+    from hyperloop_lm.config import ModelConfig
+    from hyperloop_lm.train.config import TrainConfig
+    from hyperloop_lm.train.trainer import train
+
+    job, threads = args
+    if threads:
+        torch.set_num_threads(threads)
+    mc, steps = job["mc"], job["tokens"] // (job["batch_size"] * job["seq_len"])
+    tc = TrainConfig(model="micro-" + job["family"], model_overrides={k: v for k, v in mc.items() if k != "vocab_size"},
+                     corpus=job["corpus"], vocab_size=job["vocab_size"], seq_len=job["seq_len"],
+                     batch_size=job["batch_size"], tokens=job["tokens"], lr=job["lr"], warmup_steps=max(1, steps // 20),
+                     eval_every=0, eval_tokens=100_000, ckpt_every=100, progress=False, seed=job["seed"],
+                     truncate_backprop=job["truncate_backprop"], out_dir=job["out_dir"])
+    s = train(tc)
+    label = f"{job['tag']} {job['arch']} C={job['budget']:.0e}"
+    if s["status"] != "finished":
+        return f"{label}: interrupted"
+    n_once, n_rec = split_params(ModelConfig.from_dict(mc))
+    # arch = the loop configuration: the widths at one budget form one bootstrap block
+    record = {"family": job["tag"], "arch": f"r{job['r']}", "run": job["arch"], "budget": job["budget"], "r": job["r"],
+              "width": job["width"], "depth": job["depth"], "n_once": n_once, "n_rec": n_rec, "tokens": s["tokens"],
+              "val_loss": s["val"]["loss"], "val_ppl": s["val"]["ppl"], "train_tok_s": s["train_tok_s"], "git": s["git"],
+              "truncate_backprop": job["truncate_backprop"], "corpus": job["corpus"], "seq_len": job["seq_len"],
+              "lr": job["lr"], "seed": job["seed"]}
+    atomic_write_text(Path(job["record"]), json.dumps(record, indent=2))
+    return f"{label}: {s['tokens']:,} tokens, val loss {s['val']['loss']:.4f} ({s['wall_s']:.0f}s)"
 
 
 def fit(paths: Sequence[str], out_dir: str, n_starts: int = 500, n_resamples: int = 200) -> str:
