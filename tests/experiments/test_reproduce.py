@@ -15,6 +15,7 @@ def test_reproduce_micro_end_to_end(train_corpus, cache_env, tmp_path):
     r = json.loads(paths[0].read_text())
     assert r["val"]["ppl"] > 1 and r["history"] and r["git"] and r["machine"]
     assert "analysis" in r["post"]
+    assert (tmp_path / "results" / "table1" / "micro" / "random_init__seed0.json").exists()  # the chance row
     before = {p: p.stat().st_mtime for p in paths}
     reproduce("table1", "micro", seeds=2, only=["transformer", "hyperloop"], **kw)  # all finished: skipped
     assert {p: p.stat().st_mtime for p in paths} == before
@@ -25,6 +26,7 @@ def test_reproduce_micro_end_to_end(train_corpus, cache_env, tmp_path):
     assert not (tmp_path / "runs" / "analysis").exists()
     doc = (tmp_path / "docs" / "reproduction.md").read_text()
     assert "## table1 @ micro" in doc and "hyperloop" in doc and "[" in doc  # a paired CI with 2 seeds
+    assert "random init (chance reference)" in doc and "Task Acc" in doc
     assert list((tmp_path / "docs" / "img").glob("*.png"))
 
 

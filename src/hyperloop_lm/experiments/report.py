@@ -135,7 +135,31 @@ def section_table1(scale: str, cellmap: dict[str, list[dict]], img: Path) -> lis
     if any(_int4(r) for rs in cellmap.values() for r in rs):
         names.append(_plot(img / f"table1-{scale}-int4.png", int4))
     lines += [f"![{n}](img/{n})" for n in names] + [""]
-    return lines
+    return lines + section_zeroshot(cellmap, [*fams, "random_init"])
+
+
+# The offline suite's metrics (eval/offline_tasks.py): task -> (metric, column title)
+ZEROSHOT_COLUMNS = (("hyperloop_lastword", "acc", "last word: acc"),
+                    ("hyperloop_lastword_gen", "exact_match", "last word: greedy exact match"),
+                    ("hyperloop_cloze", "acc_norm", "next-sentence cloze (4 choices): acc_norm"))
+
+
+def section_zeroshot(cellmap: dict[str, list[dict]], names: list[str]) -> list[str]:
+    """The offline zero-shot suite per model (mean +- std over seeds), beside a random-init model's scores."""
+    rows = []
+    for name in names:
+        zs = [z for z in ((r.get("post") or {}).get("zeroshot") for r in cellmap.get(name, [])) if z]
+        if not zs:
+            continue
+        cols = [mean_std([z["tasks"][t][m] for z in zs if t in z["tasks"]]) for t, m, _ in ZEROSHOT_COLUMNS]
+        label = "random init (chance reference)" if name == "random_init" else name
+        rows.append([label, *cols, mean_std([z["task_acc"] for z in zs]), len(zs)])
+    if not rows:
+        return []
+    n_items = next(z for rs in cellmap.values() for r in rs if (z := (r.get("post") or {}).get("zeroshot")))["limit"]
+    return ["Offline zero-shot suite (built from the held-out split; " f"{n_items} items per task; Task Acc = mean of "
+            "last-word acc and cloze acc_norm, as the paper averages its tasks):", "",
+            markdown_table(["model", *(c for _, _, c in ZEROSHOT_COLUMNS), "Task Acc", "seeds"], rows), ""]
 
 
 def section_cells(suite: str, scale: str, cellmap: dict[str, list[dict]], ref_cell: str,
@@ -191,13 +215,18 @@ def section_analysis(scale: str, cellmap: dict[str, list[dict]], img: Path) -> l
         a = (rs[0].get("post") or {}).get("analysis")
         if not a:
             continue
-        rows.append([name, *(f"{k}: {v:.3f}" for k, v in a["cross_loop_cosine"].items())])
         lens[name] = a["logit_lens"]
-    if not rows:
+        if not a["cross_loop_cosine"]:  # no loops: nothing to compare across loops
+            continue
+        rows.append([name, *(f"{k}: {v:.3f}" for k, v in a["cross_loop_cosine"].items())])
+    if not lens:
         return []
-    width = max(len(r) for r in rows)
-    lines = ["Cross-loop cosine similarity of the same middle layer's output (mean over layers and tokens; "
-             "pairs of loops):", "", markdown_table(["model", *[""] * (width - 1)], [r + [""] * (width - len(r)) for r in rows]), ""]
+    lines = []
+    if rows:
+        width = max(len(r) for r in rows)
+        lines = ["Cross-loop cosine similarity of the same middle layer's output (mean over layers and tokens; "
+                 "pairs of loops):", "",
+                 markdown_table(["model", *[""] * (width - 1)], [r + [""] * (width - len(r)) for r in rows]), ""]
 
     def draw(ax):
         for name, ls in lens.items():
@@ -242,9 +271,13 @@ def render_report(results_root: Path = Path("reports/reproduce"), docs: Path = P
            "bundled english-mix corpus; mean +- std over seeds; differences are paired by seed with a 95% "
            "t-interval (none with one seed). The paper ran one seed per cell.", ""]
     for (suite, scale), cellmap in sorted(results.items()):
-        cmd = next(iter(cellmap.values()))[0].get("command") or f"hyperloop-lm reproduce --suite {suite} --scale {scale}"
+        cmds = sorted({r["command"] for rs in cellmap.values() for r in rs if r.get("command") and not r.get("reused_from")})
+        cmds = cmds or [f"hyperloop-lm reproduce --suite {suite} --scale {scale}"]
+        reused = sorted({r["reused_from"].split("/")[0] for rs in cellmap.values() for r in rs if r.get("reused_from")})
         n_seeds = max(len(rs) for rs in cellmap.values())
-        out += [f"## {suite} @ {scale}", "", f"Command: `{cmd}` ({n_seeds} seed(s) present)", ""]
+        out += [f"## {suite} @ {scale}", "", f"Command{'s' if len(cmds) > 1 else ''}: " + ", ".join(f"`{c}`" for c in cmds)
+                + f" ({n_seeds} seed(s) present)" + (f"; cells identical to the {', '.join(reused)} suite's runs "
+                                                     "are reused from it" if reused else ""), ""]
         if suite == "table1":
             out += section_table1(scale, cellmap, img)
         elif suite == "loops":

@@ -155,6 +155,34 @@ def post_zeroshot(cfg, scale: str) -> dict[str, Any] | None:
     return run_offline_suite(cfg.out_dir, limit=50 if scale.startswith("micro") else 300, progress=False)
 
 
+def chance_reference(scale: str, results_root: Path = RESULTS, corpus: str | None = None) -> Path | None:
+    """The offline zero-shot suite scored by a random-init Transformer of the scale (seed 0, the runs'
+    tokenizer): the measured chance row of table1's zero-shot table, so a trained model's accuracy can be
+    read against it. Written once as table1/<scale>/random_init__seed0.json."""
+    out = results_root / "table1" / scale / "random_init__seed0.json"
+    if out.exists():
+        return out
+    try:
+        from hyperloop_lm.eval.harness import HyperloopLM
+        from hyperloop_lm.eval.offline_tasks import TASKS
+        from hyperloop_lm.eval.zeroshot import evaluate_tasks
+    except ImportError:
+        return None
+    from hyperloop_lm.data import prepare_data
+    from hyperloop_lm.model.lm import LM
+
+    cfg = cell_config("table1", scale, Cell("transformer", "transformer"), 0, corpus=corpus)
+    data = prepare_data(cfg.corpus, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size)
+    torch.manual_seed(0)
+    model = LM(cfg.model_config(data.tokenizer.vocab_size))
+    lm = HyperloopLM(model=model, tokenizer=data.tokenizer, max_length=cfg.seq_len, progress=False)
+    zs = evaluate_tasks(None, list(TASKS), lm=lm, corpus=cfg.corpus, limit=50 if scale.startswith("micro") else 300)
+    record = {"suite": "table1", "scale": scale, "cell": "random_init", "seed": 0, "family": "random_init",
+              "model": model.cfg.to_dict(), "train": cfg.to_dict(), "post": {"zeroshot": zs}}
+    atomic_write_text(out, json.dumps(record, indent=2, default=str))
+    return out
+
+
 POST = {"int4": post_int4, "loops": post_loops, "analysis": post_analysis, "zeroshot": post_zeroshot}
 
 
@@ -213,7 +241,9 @@ def reproduce(suite: str, scale: str, seeds: int = 1, workers: int = 1, only: li
             print(msg, flush=True)
             if status == "interrupted":
                 break
-    paths = sorted((results_root / suite / scale).glob("*.json"))
+    if suite == "table1" and any((results_root / suite / scale).glob("*.json")):
+        chance_reference(scale, results_root, corpus)
+    paths = sorted(p for p in (results_root / suite / scale).glob("*.json") if not p.name.startswith("random_init"))
     if render:
         from hyperloop_lm.experiments.report import render_report
 
