@@ -381,12 +381,20 @@ def _reproduce(p: argparse.ArgumentParser):
     p.add_argument("--corpus", help="override the scale's corpus (e.g. a local text directory)")
     p.add_argument("--tokens", type=int, help="override the scale's tokens per run (results are labelled SCALE@Nk)")
     p.add_argument("--render-only", action="store_true", help="only re-render docs/reproduction.md")
+    p.add_argument("--redo-post", metavar="NAMES",
+                   help="re-run these post-training measurements (int4,zeroshot,analysis,loops) on the finished "
+                        "cells' checkpoints and update their results, e.g. after changing the quantization settings")
 
     def run(a):
         from hyperloop_lm.experiments.report import render_report
-        from hyperloop_lm.experiments.reproduce import reproduce
+        from hyperloop_lm.experiments.reproduce import redo_post, reproduce
 
         if a.render_only:
+            print(f"wrote {render_report()}")
+            return
+        if a.redo_post:
+            redo_post(a.suite, a.scale, a.redo_post.split(","), a.only.split(",") if a.only else None,
+                      corpus=a.corpus, tokens=a.tokens)
             print(f"wrote {render_report()}")
             return
         reproduce(a.suite, a.scale, a.seeds, a.workers, a.only.split(",") if a.only else None, corpus=a.corpus,

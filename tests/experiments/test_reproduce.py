@@ -2,7 +2,7 @@
 import json
 
 from hyperloop_lm.experiments.report import paired_diff
-from hyperloop_lm.experiments.reproduce import reproduce
+from hyperloop_lm.experiments.reproduce import redo_post, reproduce
 from hyperloop_lm.experiments.suites import SCALES, cells
 
 
@@ -19,6 +19,10 @@ def test_reproduce_micro_end_to_end(train_corpus, cache_env, tmp_path):
     before = {p: p.stat().st_mtime for p in paths}
     reproduce("table1", "micro", seeds=2, only=["transformer", "hyperloop"], **kw)  # all finished: skipped
     assert {p: p.stat().st_mtime for p in paths} == before
+    # post-training measurements can be redone on the finished cells' checkpoints
+    redone = redo_post("table1", "micro", ["analysis"], ["hyperloop"], runs_root=kw["runs_root"],
+                       results_root=kw["results_root"], corpus=kw["corpus"])
+    assert len(redone) == 2 and all(json.loads(p.read_text())["post_git"] for p in redone)
     # the analysis suite's cells are table1's (same config, seed and posts): reused, not retrained
     (analysis,) = reproduce("analysis", "micro", seeds=1, only=["hyperloop"], **kw)
     reused = json.loads(analysis.read_text())

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from hyperloop_lm.experiments.suites import SCALES, Cell, cells
+from hyperloop_lm.train.trainer import git_revision
 from hyperloop_lm.utils import UserError, atomic_write_text
 
 RUNS = Path("runs/reproduce")
@@ -184,6 +185,36 @@ def chance_reference(scale: str, results_root: Path = RESULTS, corpus: str | Non
 
 
 POST = {"int4": post_int4, "loops": post_loops, "analysis": post_analysis, "zeroshot": post_zeroshot}
+
+
+def redo_post(suite: str, scale: str, names: list[str], only: list[str] | None = None, *, runs_root: Path = RUNS,
+              results_root: Path = RESULTS, corpus: str | None = None, tokens: int | None = None) -> list[Path]:
+    """Re-run post-training measurements on finished cells (their checkpoints must be on this machine) and
+    rewrite those entries of their result files; the rest of each result is kept."""
+    unknown = sorted(set(names) - set(POST))
+    if unknown:
+        raise UserError(f"unknown post-training measurement(s) {unknown}; choose from {', '.join(POST)}")
+    scale_name, label = scale, scale_label(scale, tokens)
+    done = []
+    for cell in cells(suite, SCALES[scale_name].preset):
+        if only and cell.name not in only:
+            continue
+        for path in sorted((results_root / suite / label).glob(f"{cell.name}__seed*.json")):
+            r = json.loads(path.read_text())
+            if r.get("reused_from"):
+                continue  # redo it in the suite that trained it
+            cfg = cell_config(suite, label, cell, r["seed"], runs_root, corpus)
+            if not (Path(cfg.out_dir) / "checkpoints").is_dir():
+                print(f"{path.name}: no checkpoint at {cfg.out_dir} (trained on another machine?); skipped")
+                continue
+            for name in names:
+                t0 = time.perf_counter()
+                r.setdefault("post", {})[name] = POST[name](cfg, label)
+                print(f"{path.name}: {name} redone ({time.perf_counter() - t0:.0f}s)", flush=True)
+            r["post_git"] = git_revision()
+            atomic_write_text(path, json.dumps(r, indent=2))
+            done.append(path)
+    return done
 
 
 # ------------------------------------------------------------------ the suite
