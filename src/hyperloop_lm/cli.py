@@ -299,8 +299,9 @@ def _quantize(p: argparse.ArgumentParser):
     p.add_argument("--calib-seed", type=int, default=0)
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
-    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with an integer zero point")
+    sym.add_argument("--asym", dest="sym", action="store_false", default=False,
+                     help="asymmetric grid with an integer zero point per group (default; the GPTQ reference's)")
+    sym.add_argument("--sym", dest="sym", action="store_true", help="symmetric grid, zero fixed at 2^(bits-1)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     p.add_argument("--quantize-embeddings", action="store_true",
                    help="also quantize the input embedding (RTN per row) and the head (same method)")

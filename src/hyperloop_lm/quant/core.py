@@ -144,7 +144,7 @@ def dequantize_codes_(q: Tensor, scales: Tensor, zeros: Tensor, group_size: int)
     return q
 
 
-def quantize_rtn(w: Tensor, bits: int = 4, group_size: int = 128, sym: bool = True) -> QuantizedWeight:
+def quantize_rtn(w: Tensor, bits: int = 4, group_size: int = 128, sym: bool = False) -> QuantizedWeight:
     """Group-wise round-to-nearest of w (out, in); group_size=-1 is per-channel (one group per row)."""
     gs = check_args(w, bits, group_size)
     w = w.detach().float()

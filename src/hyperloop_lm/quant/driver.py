@@ -64,7 +64,7 @@ class QuantSpec:
     method: str = "gptq"  # rtn | gptq
     bits: int = 4  # 2 | 3 | 4 | 8
     group_size: int = 128  # input columns per (scale, zero); -1 = one group per row
-    sym: bool = True  # symmetric grid (zero fixed at 2^(bits-1)) vs asymmetric (integer zero point)
+    sym: bool = False  # symmetric grid (zero fixed at 2^(bits-1)) vs asymmetric (integer zero point)
     act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal
     damp: float = 0.01  # GPTQ: damping, fraction of mean(diag H)
     block_size: int = 128  # GPTQ: lazy-batch width
@@ -228,7 +228,7 @@ def quantize_model(
     group_size: int = 128,
     calib: Tensor | Sequence[Tensor] | None = None,
     *,
-    sym: bool = True,
+    sym: bool = False,
     act_order: bool = False,
     damp: float = 0.01,
     quantize_embeddings: bool = False,

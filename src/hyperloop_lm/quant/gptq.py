@@ -136,7 +136,7 @@ def gptq_quantize(
     H: Tensor,
     bits: int = 4,
     group_size: int = 128,
-    sym: bool = True,
+    sym: bool = False,
     act_order: bool = False,
     damp: float = 0.01,
     block_size: int = 128,

@@ -28,7 +28,7 @@ def quantize_checkpoint(
     method: str = "gptq",
     bits: int = 4,
     group_size: int = 128,
-    sym: bool = True,
+    sym: bool = False,
     act_order: bool = False,
     damp: float = 0.01,
     quantize_embeddings: bool = False,
