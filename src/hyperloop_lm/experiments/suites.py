@@ -77,6 +77,8 @@ def cells(suite: str, preset_scale: str) -> list[Cell]:
                 if unrolled_mid % k == 0 and k != m]
         # Table 6: H_res
         out += [Cell(f"hres_{k}", "hyperloop", dict(h_res=k)) for k in ("sinkhorn", "identity")]
+        # the spec's open init choice: b_pre = 0 reads 2x the stream at n=4; logit(1/n) reads their mean
+        out.append(Cell("pre_bias_inv_n", "hyperloop", dict(hc_pre_bias_init="logit_inv_n")))
         # Table 7: per-loop LoRA on the Looped model
         out += [Cell(f"looped_lora{r}", "looped", dict(lora_rank=r)) for r in (4, 16)]
         # the referee's: begin/middle/end vs uniform looping of the whole stack at equal depth and params
