@@ -47,6 +47,13 @@ class QuantizedWeight:
     sym: bool
     perm: Tensor | None = None  # (in,) int64, or None
 
+    @classmethod
+    def from_groups(cls, codes: Tensor, scales: list[Tensor], zeros: list[Tensor], bits: int, group_size: int,
+                    sym: bool, perm: Tensor | None = None) -> "QuantizedWeight":
+        """From per-group (out,) scale and zero vectors, in group order (how RTN and GPTQ produce them)."""
+        return cls(codes=codes, scales=torch.stack(scales, 1).to(SCALE_DTYPE), zeros=torch.stack(zeros, 1).to(torch.uint8),
+                   bits=bits, group_size=group_size, sym=sym, perm=perm)
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
@@ -157,11 +164,4 @@ def quantize_rtn(w: Tensor, bits: int = 4, group_size: int = 128, sym: bool = Fa
         codes[:, g0 : g0 + gs] = quantize_to_codes(wg, scale[:, None], zero[:, None], bits).to(torch.uint8)
         scales.append(scale)
         zeros.append(zero)
-    return QuantizedWeight(
-        codes=codes,
-        scales=torch.stack(scales, 1).to(SCALE_DTYPE),
-        zeros=torch.stack(zeros, 1).to(torch.uint8),
-        bits=bits,
-        group_size=gs,
-        sym=sym,
-    )
+    return QuantizedWeight.from_groups(codes, scales, zeros, bits, gs, sym)

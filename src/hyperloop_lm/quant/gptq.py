@@ -70,7 +70,6 @@ import torch
 from torch import Tensor
 
 from hyperloop_lm.quant.core import (
-    SCALE_DTYPE,
     QuantizedWeight,
     check_args,
     find_grid,
@@ -198,12 +197,4 @@ def gptq_quantize(
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the lazy batch update
 
-    return QuantizedWeight(
-        codes=codes,
-        scales=torch.stack(scales, 1).to(SCALE_DTYPE),
-        zeros=torch.stack(zeros, 1).to(torch.uint8),
-        bits=bits,
-        group_size=gs,
-        sym=sym,
-        perm=perm,
-    )
+    return QuantizedWeight.from_groups(codes, scales, zeros, bits, gs, sym, perm)
