@@ -131,11 +131,42 @@ def section_table1(scale: str, cellmap: dict[str, list[dict]], img: Path) -> lis
                color=[f"C{FAMILY_ORDER.index(f)}" for f in xs])
         ax.set_ylabel("perplexity increase from GPTQ INT4 g128")
 
+    lines += verdicts(cellmap)
+
     names = [_plot(img / f"table1-{scale}-loss.png", curves), _plot(img / f"table1-{scale}-params.png", params)]
     if any(_int4(r) for rs in cellmap.values() for r in rs):
         names.append(_plot(img / f"table1-{scale}-int4.png", int4))
     lines += [f"![{n}](img/{n})" for n in names] + [""]
     return lines + section_zeroshot(cellmap, [*fams, "random_init"])
+
+
+# The paper's Table 1 orderings we check (a, b): a has lower perplexity than b at 240M.
+PAPER_CLAIMS = (("hyperloop", "transformer"), ("hyperloop", "mhc"), ("hyperloop", "looped"), ("transformer", "looped"),
+                ("mhc", "transformer"))
+
+
+def verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
+    """One line per paper claim: does our paired difference (95% CI over seeds) agree in direction?"""
+    out = []
+    for a, b in PAPER_CLAIMS:
+        if a not in cellmap or b not in cellmap:
+            continue
+        d = paired_diff(cellmap[a], cellmap[b])
+        if d is None:
+            continue
+        m, lo, hi, n = d
+        paper = PAPER_240M[a][0] - PAPER_240M[b][0]
+        if n < 2:
+            verdict = "one seed so far: no interval, no verdict"
+        elif hi < 0:
+            verdict = "**agrees** (the interval excludes 0)"
+        elif lo > 0:
+            verdict = "**disagrees**: the opposite order, the interval excludes 0"
+        else:
+            verdict = "inconclusive: the interval includes 0"
+        out.append(f"- {a} vs {b}: paper {paper:+.2f} ppl at 240M; ours {fmt_diff(d)} ppl over {n} seed(s): {verdict}")
+    return (["Against the paper's Table 1 orderings (ppl difference, lower is better for the first model):", "",
+             *out, ""] if out else [])
 
 
 # The offline suite's metrics (eval/offline_tasks.py): task -> (metric, column title)
