@@ -131,6 +131,8 @@ def section_table1(scale: str, cellmap: dict[str, list[dict]], img: Path) -> lis
                color=[f"C{FAMILY_ORDER.index(f)}" for f in xs])
         ax.set_ylabel("perplexity increase from GPTQ INT4 g128")
 
+    lines += ["The train tok/s ratio is measured inside the suite, where parallel workers and other jobs share "
+              "the cores: it is a rough figure; `make bench` (reports/bench/) measures throughput side by side.", ""]
     lines += verdicts(cellmap)
 
     names = [_plot(img / f"table1-{scale}-loss.png", curves), _plot(img / f"table1-{scale}-params.png", params)]
