@@ -150,14 +150,20 @@ PAPER_CLAIMS = (("hyperloop", "transformer"), ("hyperloop", "mhc"), ("hyperloop"
 def verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
     """One line per paper claim: does our paired difference (95% CI over seeds) agree in direction?"""
     out = []
-    for a, b in PAPER_CLAIMS:
+    def int4_cost(r):
+        return _int4(r) - r["val"]["ppl"] if _int4(r) else math.nan
+
+    claims = [(a, b, "ppl", lambda r: r["val"]["ppl"], PAPER_240M[a][0] - PAPER_240M[b][0]) for a, b in PAPER_CLAIMS]
+    # the paper's quantization claim: looping makes INT4 hurt more, and Hyperloop's HC narrows that gap
+    claims += [(a, b, "INT4 ppl increase", int4_cost, (PAPER_240M[a][1] - PAPER_240M[a][0]) - (PAPER_240M[b][1] - PAPER_240M[b][0]))
+               for a, b in (("transformer", "looped"), ("hyperloop", "looped"))]
+    for a, b, what, key, paper in claims:
         if a not in cellmap or b not in cellmap:
             continue
-        d = paired_diff(cellmap[a], cellmap[b])
-        if d is None:
+        d = paired_diff(cellmap[a], cellmap[b], key)
+        if d is None or math.isnan(d[0]):
             continue
         m, lo, hi, n = d
-        paper = PAPER_240M[a][0] - PAPER_240M[b][0]
         if n < 2:
             verdict = "one seed so far: no interval, no verdict"
         elif hi < 0:
@@ -166,8 +172,8 @@ def verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
             verdict = "**disagrees**: the opposite order, the interval excludes 0"
         else:
             verdict = "inconclusive: the interval includes 0"
-        out.append(f"- {a} vs {b}: paper {paper:+.2f} ppl at 240M; ours {fmt_diff(d)} ppl over {n} seed(s): {verdict}")
-    return (["Against the paper's Table 1 orderings (ppl difference, lower is better for the first model):", "",
+        out.append(f"- {what}, {a} vs {b}: paper {paper:+.2f} at 240M; ours {fmt_diff(d)} over {n} seed(s): {verdict}")
+    return (["Against the paper's Table 1 orderings (difference first minus second; lower is better for the first):", "",
              *out, ""] if out else [])
 
 
