@@ -258,14 +258,10 @@ def reproduce(suite: str, scale: str, seeds: int = 1, workers: int = 1, only: li
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else torch.get_num_threads()
     jobs = [(suite, scale, c, s, threads, runs_root, results_root, command, corpus) for c, s in todo]
     if workers > 1:
-        import multiprocessing as mp
+        from hyperloop_lm.experiments.pool import run_parallel
 
-        with mp.get_context("spawn").Pool(workers) as pool:
-            for msg, status in pool.imap_unordered(_worker, jobs):
-                print(msg, flush=True)
-                if status == "interrupted":  # Ctrl-C / SIGTERM: stop the suite, not just one cell
-                    pool.terminate()
-                    break
+        for msg, status in run_parallel(_worker, jobs, workers, lambda out: out[1] == "interrupted"):
+            print(msg, flush=True)
     else:
         for job in jobs:
             msg, status = _worker(job)

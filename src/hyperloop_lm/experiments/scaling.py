@@ -74,16 +74,10 @@ def sweep(family: str, depth: int = 20, rs: Sequence[int] = (1, 2, 4, 8), widths
                     jobs.append(run)
     print(f"scaling sweep {tag}: {len(paths)} runs, {len(paths) - len(jobs)} done, {len(jobs)} to run", flush=True)
     if workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-        import os
+        from hyperloop_lm.experiments.pool import run_parallel
 
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with mp.get_context("spawn").Pool(workers) as pool:
-            for msg in pool.imap_unordered(_run_one, [(job, threads) for job in jobs]):
-                print(msg, flush=True)
-                if msg.endswith("interrupted"):
-                    pool.terminate()
-                    break
+        for msg in run_parallel(_run_one, [(job, 0) for job in jobs], workers, lambda m: m.endswith("interrupted")):
+            print(msg, flush=True)
     else:
         for job in jobs:
             msg = _run_one((job, 0))
