@@ -194,9 +194,9 @@ def redo_post(suite: str, scale: str, names: list[str], only: list[str] | None =
     unknown = sorted(set(names) - set(POST))
     if unknown:
         raise UserError(f"unknown post-training measurement(s) {unknown}; choose from {', '.join(POST)}")
-    scale_name, label = scale, scale_label(scale, tokens)
+    label = scale_label(scale, tokens)
     done = []
-    for cell in cells(suite, SCALES[scale_name].preset):
+    for cell in cells(suite, SCALES[scale].preset):
         if only and cell.name not in only:
             continue
         for path in sorted((results_root / suite / label).glob(f"{cell.name}__seed*.json")):
