@@ -42,7 +42,7 @@ def test_paired_diff_interval():
 
 
 def test_every_suite_builds_cells_at_every_cpu_scale():
-    for scale in ("micro", "cpu-tiny", "cpu-small"):
+    for scale in ("micro", "cpu-tiny", "cpu-quick", "cpu-small"):
         for suite in ("table1", "ablations", "loops", "recipes", "analysis"):
             cs = cells(suite, SCALES[scale].preset)
             assert cs and len({c.name for c in cs}) == len(cs)

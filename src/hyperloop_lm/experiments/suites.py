@@ -7,6 +7,8 @@ for each seed (resumable), then runs its post-training measurements.
 Scales (train settings; the model presets carry the widths):
     micro       seconds: the end-to-end test of the pipeline
     cpu-tiny    d128, 8 unrolled layers, ~2M tokens/run: table1 x 3 seeds ~ 3 h on 2 CPU cores
+    cpu-quick   the cpu-tiny models on 400k tokens in batches of 4 x 256 (390 steps, ~5 min per run on
+                one core): for the many-cell suites (ablations, loops, recipes) on a CPU
     cpu-small   d256, 16 unrolled layers (the paper's 2-4x3-2 structure), ~5M tokens/run
     gpu-small   d512, 16 unrolled layers, 500M tokens/run, seq 1024 (needs a GPU)
     paper-240m  the paper's 240M configuration and recipe (12.5B tokens; needs real GPUs)
@@ -31,6 +33,11 @@ SCALES: dict[str, Scale] = {
     "cpu-tiny": Scale("tiny", dict(corpus="english-mix", vocab_size=4096, seq_len=256, batch_size=16,
                                    tokens=2_000_000, lr=2e-3, warmup_steps=25, eval_tokens=100_000, eval_every=100,
                                    ckpt_every=50)),
+    # 5x fewer tokens than cpu-tiny but a 4x smaller batch, so nearly as many optimizer steps (390 vs 488):
+    # a cheap budget still gets past the first rapid drop of the loss, where only the learning speed shows.
+    "cpu-quick": Scale("tiny", dict(corpus="english-mix", vocab_size=4096, seq_len=256, batch_size=4,
+                                    tokens=400_000, lr=2e-3, warmup_steps=25, eval_tokens=50_000, eval_every=100,
+                                    ckpt_every=50)),
     "cpu-small": Scale("small", dict(corpus="english-mix", vocab_size=8192, seq_len=256, batch_size=16,
                                      tokens=5_000_000, lr=1e-3, warmup_steps=50, eval_tokens=200_000, eval_every=200,
                                      ckpt_every=100)),
