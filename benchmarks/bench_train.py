@@ -19,10 +19,11 @@ TARGETS = {"hyperloop": 0.95, "mhc": 0.80}
 
 
 def run(quick: bool = False, scales: tuple[str, ...] = ("tiny", "small"), batches: tuple[int, ...] = (8, 16),
-        **kw) -> dict:
+        compile: bool = False, **kw) -> dict:
     """Every scale and batch (16 x 256 is the configs' training batch); the per-operation overhead of the
-    HC sites shrinks as the width and the batch grow."""
-    results = {f"{scale}/b{b}": run_scale(quick, scale, batch=b, **kw) for scale in scales for b in batches}
+    HC sites shrinks as the width and the batch grow. compile: as `train --compile true` does
+    (LM.compile_blocks), for every family alike; compile time is excluded and reported."""
+    results = {f"{scale}/b{b}": run_scale(quick, scale, batch=b, compile=compile, **kw) for scale in scales for b in batches}
     rows = ["| scale / batch | family | tok/s | ratio to Transformer (wall) | ratio (CPU time) | target |",
             "|---|---|---|---|---|---|"]
     for key, r in results.items():
@@ -30,10 +31,15 @@ def run(quick: bool = False, scales: tuple[str, ...] = ("tiny", "small"), batche
             t = TARGETS.get(f)
             rows.append(f"| {key} | {f} | {v:.0f} | {r['ratio_to_transformer'][f]:.3f} | "
                         f"{r['cpu_ratio_to_transformer'][f]:.3f} | {'>= %.2f' % t if t else ''} |")
-    return {"benchmark": "train_step", "by_scale": results, "markdown": "\n".join(rows)}
+    if compile:
+        rows += ["", "Compile time (s, excluded above): " + "; ".join(
+            f"{key}: " + ", ".join(f"{f} {t:.0f}" for f, t in r["compile_s"].items()) for key, r in results.items())]
+    return {"benchmark": "train_step_compiled" if compile else "train_step", "compile": compile,
+            "by_scale": results, "markdown": "\n".join(rows)}
 
 
-def run_scale(quick: bool = False, scale: str = "tiny", batch: int = 8, seq_len: int = 256, threads: int = 1) -> dict:
+def run_scale(quick: bool = False, scale: str = "tiny", batch: int = 8, seq_len: int = 256, threads: int = 1,
+              compile: bool = False) -> dict:
     """threads=1 by default: on shared or busy cores two OpenMP threads per process spin against each other
     and distort ratios by up to 3x; one thread per process gives stable, comparable numbers."""
     torch.set_num_threads(threads)
@@ -43,6 +49,8 @@ def run_scale(quick: bool = False, scale: str = "tiny", batch: int = 8, seq_len:
     for family in FAMILIES:
         cfg = get_preset(f"{scale}-{family}")
         model = LM(cfg)
+        if compile:
+            model.compile_blocks()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randint(0, cfg.vocab_size, (batch, seq_len))
         setups[family] = (model, opt, x)
@@ -56,8 +64,12 @@ def run_scale(quick: bool = False, scale: str = "tiny", batch: int = 8, seq_len:
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0, time.process_time() - c0
 
-    for family in FAMILIES:  # warm-up
-        step(family)
+    compile_s = {}
+    for family in FAMILIES:  # warm-up (with compile: the first step compiles, the second runs any recompile)
+        t0 = time.perf_counter()
+        for _ in range(2 if compile else 1):
+            step(family)
+        compile_s[family] = time.perf_counter() - t0
     times = {f: [] for f in FAMILIES}
     cpu = {f: [] for f in FAMILIES}
     for rep in range(reps):
@@ -73,6 +85,7 @@ def run_scale(quick: bool = False, scale: str = "tiny", batch: int = 8, seq_len:
     cpu_ratio = {f: cpu_tok_s[f] / cpu_tok_s["transformer"] for f in FAMILIES}
     return {
         "benchmark": "train_step", "scale": scale, "batch": batch, "seq_len": seq_len, "reps": reps,
+        "compile": compile, **({"compile_s": compile_s} if compile else {}),
         "threads": torch.get_num_threads(), "tok_s": tok_s, "ratio_to_transformer": ratio,
         "cpu_tok_s": cpu_tok_s, "cpu_ratio_to_transformer": cpu_ratio,
         "targets": TARGETS, "meets_targets": {f: ratio[f] >= t for f, t in TARGETS.items()},

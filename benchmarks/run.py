@@ -14,7 +14,8 @@ import torch
 
 from hyperloop_lm.utils import atomic_write_text
 
-BENCHMARKS = {"train_step": "benchmarks.bench_train", "decode": "benchmarks.bench_decode"}
+BENCHMARKS = {"train_step": "benchmarks.bench_train", "train_step_compiled": "benchmarks.bench_train_compiled",
+              "decode": "benchmarks.bench_decode"}
 OUT = Path("reports/bench")
 
 

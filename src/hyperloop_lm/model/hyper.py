@@ -26,7 +26,14 @@ from hyperloop_lm.config import ModelConfig, logit
 def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     """Doubly-stochastic projection of (..., n, n) logits: exp (max-subtracted), then `iters` rounds of
     column then row normalisation, in fp32. Differentiable: the exact gradient of these iterations."""
-    return _Sinkhorn.apply(logits.to(torch.promote_types(logits.dtype, torch.float32)), iters)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if torch.compiler.is_compiling():  # inductor fuses the plain loop (faster than tracing the Function)
+        m = (logits - logits.amax(dim=(-2, -1), keepdim=True)).exp()
+        for _ in range(iters):
+            m = m / m.sum(-2, keepdim=True)
+            m = m / m.sum(-1, keepdim=True)
+        return m
+    return _Sinkhorn.apply(logits, iters)
 
 
 class _Sinkhorn(torch.autograd.Function):
@@ -115,16 +122,29 @@ class HyperConnection(nn.Module):
         return g[..., 0, :], g[..., 1, :], res
 
     def forward(self, y: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """y: (..., n, C) -> (..., n, C)."""
+        """y: (..., n, C) -> (..., n, C). Read and write are separate steps so that `compile()` can fuse
+        each of them even when F (a whole looped block) is compiled on its own."""
+        x, half_post, res = self._read(y)
+        return self._write(y, fn(x), half_post, res)
+
+    def _read(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """F's input (one weighted sum of the streams) and the coefficients of the write."""
         pre, half_post, res = self._gates(y)
         if y.dtype != pre.dtype:
             pre, half_post, res = pre.to(y.dtype), half_post.to(y.dtype), None if res is None else res.to(y.dtype)
-        u = fn((pre.unsqueeze(-2) @ y).squeeze(-2))  # F reads one weighted sum of the streams
-        if res is not None and res.dim() > pre.dim():
+        return (pre.unsqueeze(-2) @ y).squeeze(-2), half_post, res
+
+    def _write(self, y: torch.Tensor, u: torch.Tensor, half_post: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
+        if res is not None and res.dim() > half_post.dim():
             # H_res y + post u^T as one batched matmul [H_res | post] @ [y; u] (2x faster than bmm + outer + add)
             return torch.cat([res, 2 * half_post.unsqueeze(-1)], -1) @ torch.cat([y, u.unsqueeze(-2)], -2)
         kept = y if res is None else res.unsqueeze(-1) * y  # identity, or diagonal decay
         return torch.addcmul(kept, half_post.unsqueeze(-1), u.unsqueeze(-2), value=2)
+
+    def compile(self, **kwargs) -> None:
+        """torch.compile the read and the write (not F, which the caller compiles as it sees fit)."""
+        self._read = torch.compile(self._read, **kwargs)
+        self._write = torch.compile(self._write, **kwargs)
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:

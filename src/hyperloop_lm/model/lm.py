@@ -60,6 +60,12 @@ class LM(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=small if name.endswith(RESIDUAL_PROJECTIONS) else 0.02)
 
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile per block (short compiles; one graph serves every loop of a shared block), and the
+        read and write of each loop-level HC site, which wraps a whole block and so cannot be one graph."""
+        for module in [*self.begin, *self.middle, *self.end, *self.hc]:
+            module.compile(**kwargs)
+
     # ------------------------------------------------------------------ schedule
     def schedule(self, loops: int | None = None) -> Iterator[tuple[str, int, int]]:
         """The unrolled depth as (stage, layer index, loop) triples; the position is the virtual layer."""

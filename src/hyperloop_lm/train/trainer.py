@@ -182,8 +182,7 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict[str,
     mcfg = cfg.model_config(data.tokenizer.vocab_size)
     model = LM(mcfg).to(device)
     if cfg.compile:
-        for blk in [*model.begin, *model.middle, *model.end]:
-            blk.compile()
+        model.compile_blocks()
     fsdp = world > 1 and cfg.parallel == "fsdp"
     FULL = _full_options() if fsdp else None
     if fsdp:
