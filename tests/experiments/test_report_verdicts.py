@@ -1,0 +1,50 @@
+"""The report's statements of agreement with the paper follow the numbers (directions, intervals, noise)."""
+from hyperloop_lm.experiments.report import ablation_verdicts, cosine_verdict, recipe_verdicts, verdicts
+
+
+def cell(ppls, **extra):
+    return [{"seed": s, "val": {"ppl": p}, **extra} for s, p in enumerate(ppls)]
+
+
+def line(lines, start):
+    (hit,) = [l for l in lines if l.startswith(start)]
+    return hit
+
+
+def test_table1_verdicts_use_the_paired_interval():
+    cm = {"hyperloop": cell([100, 101, 102]), "transformer": cell([105, 106.5, 107]), "looped": cell([99, 103, 101])}
+    out = verdicts(cm)
+    assert "**agrees**" in line(out, "- ppl, hyperloop vs transformer")
+    assert "inconclusive" in line(out, "- ppl, hyperloop vs looped")
+    assert "**disagrees**" in line(out, "- ppl, transformer vs looped")
+
+
+def test_ablation_verdicts_one_seed_direction_and_noise():
+    cm = {"hyperloop": cell([100.0, 101.0]), "streams2": cell([100.5]), "hres_identity": cell([110.0]),
+          "hc_every6": cell([95.0]), "middle1x6": cell([101.0])}
+    out = ablation_verdicts(cm)
+    # paper +0.03: within the paper's own noise, nothing to check
+    assert "no direction to check" in line(out, "- streams2")
+    # paper +0.21, ours +10 with a reference seed std of 0.71: beyond the noise, same direction
+    assert "same direction" in line(out, "- hres_identity") and "beyond" in line(out, "- hres_identity")
+    assert "**opposite direction**" in line(out, "- hc_every6")  # paper +0.23, ours -5
+    assert "inconclusive" in line(out, "- middle1x6")  # +1 is within 2 x sqrt(2) x 0.71
+    assert not [l for l in out if l.startswith("- looped_lora")]  # no looped reference cell: no line
+
+
+def test_recipe_verdicts():
+    cm = {"transformer_pytorch_lr4e-4": cell([110, 111]), "transformer_gpt2_lr0.0016": cell([100, 101]),
+          "hyperloop_pytorch_lr4e-4": cell([112, 113.1]), "hyperloop_gpt2_lr0.0016": cell([100.5, 100.5])}
+    out = recipe_verdicts(cm)
+    assert "**agrees**" in line(out, "- transformer, GPT-2 init")  # -10 [.. ] vs paper -1.3 to -1.9
+    assert "**disagrees**" in line(out, "- hyperloop vs transformer, PyTorch")  # ours +2.05, paper -0.25
+    assert "a match" in line(out, "- hyperloop vs transformer, GPT-2").split("ours")[1]
+
+
+def test_cosine_verdict():
+    def analysed(cos):
+        return cell([100], post={"analysis": {"cross_loop_cosine": {"0-1": cos, "1-2": cos}}})
+
+    assert "**agrees**" in cosine_verdict({"hyperloop": analysed(0.8), "looped": analysed(0.9)})[0]
+    assert "**disagrees**" in cosine_verdict({"hyperloop": analysed(0.95), "looped": analysed(0.9)})[0]
+    assert cosine_verdict({"hyperloop": analysed(0.95)}) == []
