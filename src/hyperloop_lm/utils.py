@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 
 class UserError(Exception):
@@ -37,6 +38,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, keep_existing: Callable[[], bool] | None = None) -> Iterator[Path]:
+    """Yield an empty temp directory beside `path`; when the block finishes it is renamed to `path`, replacing
+    what was there. A crash mid-write leaves the previous directory (or none), never a partial one.
+
+    keep_existing: asked at the end; if true, the directory now at `path` wins and this build is dropped (a
+    concurrent builder such as another DDP rank got there first; losing that race is then not an error).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if keep_existing is None or not keep_existing():
+            shutil.rmtree(path, ignore_errors=True)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if keep_existing is None:
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already if it was renamed in
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -18,14 +18,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from hyperloop_lm.data.text import decode, normalize
-from hyperloop_lm.utils import UserError, closest, data_dir
+from hyperloop_lm.utils import UserError, atomic_dir, closest, data_dir
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +120,8 @@ def write_corpus(root: Path, name: str, documents: Iterable[Document], *, source
 
     If a valid corpus appears in `root` meanwhile (a concurrent builder), that one is kept.
     """
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    # a valid corpus already in `root` (absent, or a stale build from another manifest version, is replaced)
+    with atomic_dir(root, keep_existing=lambda: open_corpus(root) is not None) as tmp:
         entries: list[dict] = []
         splits = {s: {"documents": 0, "bytes": 0} for s in SPLITS}
         files = {s: open(tmp / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
@@ -154,14 +151,6 @@ def write_corpus(root: Path, name: str, documents: Iterable[Document], *, source
             "documents": entries,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-        if open_corpus(root) is None:  # absent, or a stale build from another manifest version
-            shutil.rmtree(root, ignore_errors=True)
-            try:
-                os.replace(tmp, root)
-            except OSError:  # another process (e.g. a DDP rank) renamed its build in first
-                pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already if it was renamed in
     corpus = open_corpus(root)
     if corpus is None:
         raise UserError(f"could not write the corpus cache at {root}; check that the directory is writable.")

@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +39,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from hyperloop_lm.utils import UserError, data_dir
+from hyperloop_lm.utils import UserError, atomic_dir, data_dir
 
 SUITE_VERSION = "v1"
 LASTWORD, LASTWORD_GEN, CLOZE = "hyperloop_lastword", "hyperloop_lastword_gen", "hyperloop_cloze"
@@ -224,9 +221,7 @@ def build_suite(corpus, params: SuiteParams = SuiteParams(), root: Path | None =
     if min(len(v) for v in items.values()) == 0:
         raise UserError(f"corpus {corpus.name}'s held-out split is too small for the offline suite "
                         f"({ {k: len(v) for k, v in items.items()} } items); use a corpus with more held-out text")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_dir(root) as tmp:
         files = {}
         for task in TASKS:
             data_file = root / f"{task}.jsonl" if task != LASTWORD_GEN else root / f"{LASTWORD}.jsonl"
@@ -240,11 +235,6 @@ def build_suite(corpus, params: SuiteParams = SuiteParams(), root: Path | None =
         manifest = {"suite_version": SUITE_VERSION, "corpus": {"name": corpus.name, "id": corpus.id},
                     "params": asdict(params), "tasks": {t: len(items[t]) for t in TASKS}, "sha256": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

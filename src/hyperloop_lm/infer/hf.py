@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from hyperloop_lm.config import ModelConfig
 from hyperloop_lm.model.layers import rope_tables
 from hyperloop_lm.model.lm import LM
-from hyperloop_lm.utils import UserError
+from hyperloop_lm.utils import UserError, atomic_dir
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 _DEFAULTS = ModelConfig().to_dict()
@@ -200,18 +199,11 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, *, inference_loops: int |
     hf = HyperloopForCausalLM.from_native(model, inference_loops=inference_loops, **eos)
     hf.generation_config = GenerationConfig(**eos, do_sample=False)
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: no half-converted directory
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:  # no half-converted directory
         hf.save_pretrained(tmp)
         if tokenizer is not None:
             hf_tokenizer(src / "tokenizer.json", tokenizer.eos_token).save_pretrained(tmp)
         (tmp / "hyperloop_source.json").write_text(json.dumps({"checkpoint": str(src)}, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -20,8 +20,6 @@ wrong dtype, zero points off the grid) is reported as one UserError naming the c
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ from hyperloop_lm.quant.core import SCALE_DTYPE, SUPPORTED_BITS
 from hyperloop_lm.quant.driver import replace_module
 from hyperloop_lm.quant.packed import QuantizedEmbedding, QuantizedLinear
 from hyperloop_lm.train.checkpoint import FORMAT_VERSION, META_FILE, MODEL_FILE, load_weights, read_meta, resolve
-from hyperloop_lm.utils import UserError
+from hyperloop_lm.utils import UserError, atomic_dir
 
 QUANT_FORMAT_VERSION = 1  # layout of meta["quantization"] and of the packed buffers (see packed.py)
 _BUFFER_DTYPES = {"qweight": torch.uint8, "scales": SCALE_DTYPE, "zeros": torch.uint8, "perm": torch.int32}
@@ -59,10 +57,7 @@ def save_quantized(out: str | Path, model: nn.Module, meta: dict[str, Any], toke
         is_old_quant = old.is_file() and "quantization" in json.loads(old.read_text() or "{}")
         if not out.is_dir() or (any(out.iterdir()) and not is_old_quant):
             raise UserError(f"{out} exists and is not a quantized checkpoint; choose another --out or remove it")
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format_version": str(FORMAT_VERSION),
                                                              "quant_format_version": str(QUANT_FORMAT_VERSION)})
@@ -71,11 +66,6 @@ def save_quantized(out: str | Path, model: nn.Module, meta: dict[str, Any], toke
         q = {**meta["quantization"], "format_version": QUANT_FORMAT_VERSION}
         (tmp / META_FILE).write_text(json.dumps({**meta, "format_version": FORMAT_VERSION, "quantization": q},
                                                 indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

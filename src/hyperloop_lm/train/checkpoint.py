@@ -6,13 +6,12 @@
         meta.json           format version, model config, train config, step, metrics
         tokenizer.json      the run's tokenizer (+ tokenizer_meta.json)
 
-A directory is written as `.step-XXXXXXX.tmp` and renamed into place only when complete, so a crash
+A directory is written as a hidden temp directory and renamed into place only when complete, so a crash
 mid-write leaves the previous checkpoints untouched; half-written temp directories are ignored.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hyperloop_lm.config import ModelConfig
-from hyperloop_lm.utils import UserError, atomic_write_text
+from hyperloop_lm.utils import UserError, atomic_dir, atomic_write_text
 
 FORMAT_VERSION = 1
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.pt", "meta.json"
@@ -37,10 +36,8 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, *, meta
                     weights: dict[str, torch.Tensor] | None = None) -> Path:
     """`weights` (optional) replaces the model's own state dict, e.g. full tensors gathered from FSDP shards."""
     root = Path(root)
-    final, tmp = step_dir(root, step), root / f".step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    final = step_dir(root, step)
+    with atomic_dir(final) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in (weights or plain_state_dict(model)).items()}
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format_version": str(FORMAT_VERSION)})
         if state is not None:
@@ -48,11 +45,6 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, *, meta
         if tokenizer is not None:
             tokenizer.save(tmp)
         (tmp / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step, **meta}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_text(root / "latest", final.name + "\n")
     return final
 
