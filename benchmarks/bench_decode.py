@@ -12,7 +12,8 @@ alternating order, so that machine noise (other jobs on shared cores, frequency 
 alike; each repetition times a whole decode, and we report the median over repetitions. int4 = RTN, group 128, on every block linear (QuantizedLinear
 dequantizes its packed weight per call, the head and embedding stay fp32).
 
-    python -m benchmarks.bench_decode [--quick] [--scale tiny] [--threads N]
+    python -m benchmarks.bench_decode [--quick] [--scale tiny] [--threads N]   (one scale; make bench runs
+                                                                                 tiny and gpu-small)
 
 Threads default to 1: a tiny model's decode step is a few hundred small ops, latency-bound, and on
 shared cores an intra-op thread pool mostly measures the other jobs (2 threads under load were 15x
@@ -86,8 +87,17 @@ def interleaved_decode(models: dict[str, LM], prompt: torch.Tensor, new_tokens: 
     return wall, cpu, caches
 
 
-def run(quick: bool = False, scale: str = "tiny", prompt_len: int = 64, threads: int = 1,
-        device: str = "cpu") -> dict:
+def run(quick: bool = False, scales: tuple[str, ...] = ("tiny", "gpu-small"), **kw) -> dict:
+    """Every scale: the CPU presets, where per-op overhead dominates a decode step, and the smallest GPU
+    preset (d512, 16 virtual layers), where the arithmetic does."""
+    results = {scale: run_scale(quick, scale, **kw) for scale in scales}
+    md = "\n\n".join(f"{scale} (d{r['d_model']}, unrolled depth {r['unrolled_depth']}):\n\n{r['markdown']}"
+                     for scale, r in results.items())
+    return {"benchmark": "decode", "target_ratio": TARGET, "by_scale": results, "markdown": md}
+
+
+def run_scale(quick: bool = False, scale: str = "tiny", prompt_len: int = 64, threads: int = 1,
+              device: str = "cpu") -> dict:
     if threads:
         torch.set_num_threads(threads)
     reps, new_tokens = (3, 32) if quick else (7, 64)
@@ -153,5 +163,5 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    res = run(quick=a.quick, scale=a.scale, threads=a.threads, device=a.device)
+    res = run_scale(quick=a.quick, scale=a.scale, threads=a.threads, device=a.device)
     print(json.dumps(res, indent=2) if a.json else res["markdown"])
