@@ -210,7 +210,32 @@ ALL_VARIANTS = [dict(connection="residual", n_middle=0, n_end=0, n_begin=4, loop
                 dict(connection="loop_hc", h_res="identity"),
                 dict(connection="loop_hc", hc_every=1),
                 dict(connection="loop_hc", hc_every=6, hc_pre_bias_init="logit_inv_n"),
-                dict(connection="loop_hc", init="gpt2", hc_block_output="delta")]
+                dict(connection="loop_hc", init="gpt2", hc_block_output="delta"),
+                dict(connection="loop_hc", hc_block_output="delta", hc_pre_bias_init="logit_inv_n", hc_res_init=0.99)]
+
+
+def test_hc_res_init_sets_the_stream_decay_and_the_looped_init_keeps_the_stream_scale():
+    """res = sigmoid(b_res) at init. With the spec's b = 0 every loop writes the block's whole output (input
+    included) onto half of the stream, so the stream grows each loop; the `looped_init` ablation (read the
+    mean, write the update, keep the stream) grows it no faster than the plain Looped model does."""
+    torch.manual_seed(0)
+    kw = dict(hc_block_output="delta", hc_pre_bias_init="logit_inv_n", hc_res_init=0.99)
+    pre, _, res = LM(micro(connection="loop_hc", **kw)).hc[0].coefficients(torch.zeros(1, 4, 32))
+    assert_close(res, torch.full_like(res, 0.99))
+    assert_close(pre, torch.full_like(pre, 0.25))
+
+    def growth(**over):
+        model, trace = LM(micro(**over)), []
+        with torch.no_grad():
+            model(tokens(model.cfg), trace=trace)
+        rms = [h.pow(2).mean().sqrt().item() for *_, h in trace]
+        return rms[-1] / rms[0]
+
+    looped = growth(connection="residual")
+    assert growth(connection="loop_hc") > 2 * looped  # b = 0: grows ~2.5x per loop
+    assert growth(connection="loop_hc", **kw) < 1.1 * looped
+    with pytest.raises(ValueError, match="hc_res_init"):
+        micro(connection="loop_hc", hc_res_init=1.0).validate()
 
 
 @pytest.mark.parametrize("kw", ALL_VARIANTS, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))

@@ -53,6 +53,7 @@ class ModelConfig:
     hc_block_output: str = "full"  # loop_hc: u = block(x) incl. its inner skips (spec 2.1) | delta = block(x) - x [choice]
     hc_gate_init: float = 0.01  # a_pre/a_post/a_res init (mHC default)
     hc_pre_bias_init: str = "zero"  # b_pre: zero (pre=0.5) | logit_inv_n (pre=1/n, the block reads the stream mean) [choice]
+    hc_res_init: float = 0.5  # diagonal H_res at init = sigmoid(b_res): 0.5 is b_res = 0 (spec); near 1 keeps the stream [choice]
     hc_weight_init_std: float = 0.02  # W_pre/W_post/W_res ~ N(0, std^2); small, nonzero so a_* gets gradient [choice]
     hc_res_offdiag_init: float = -2.0  # sinkhorn H_res logits: 0 on the diagonal, this off it (mild identity) [choice]
     sinkhorn_iters: int = 20
@@ -135,6 +136,8 @@ class ModelConfig:
                            ("hc_pre_bias_init", PRE_BIAS_INITS), ("hc_block_output", BLOCK_OUTPUTS)):
             if getattr(self, f) not in allowed:
                 bad(f, f"must be one of {', '.join(allowed)}; got {getattr(self, f)!r}{closest(str(getattr(self, f)), allowed)}")
+        if not 0 < self.hc_res_init < 1:
+            bad("hc_res_init", f"is sigmoid(b_res) at init, so it must lie in (0, 1); got {self.hc_res_init}")
         if self.connection == "loop_hc":
             if self.n_middle == 0:
                 bad("n_middle", "connection=loop_hc needs a looped middle block (n_middle > 0)")

@@ -86,6 +86,11 @@ def cells(suite: str, preset_scale: str) -> list[Cell]:
         out += [Cell(f"hres_{k}", "hyperloop", dict(h_res=k)) for k in ("sinkhorn", "identity")]
         # the spec's open init choice: b_pre = 0 reads 2x the stream at n=4; logit(1/n) reads their mean
         out.append(Cell("pre_bias_inv_n", "hyperloop", dict(hc_pre_bias_init="logit_inv_n")))
+        # Hyperloop started as the Looped model: read the stream mean, write only the block's update, keep
+        # the stream (res ~ 1). With the spec's b = 0 each loop instead writes the block's whole output
+        # (its input included) onto half of the stream, so the stream grows ~2.5x per loop at init.
+        out.append(Cell("looped_init", "hyperloop", dict(hc_pre_bias_init="logit_inv_n", hc_block_output="delta",
+                                                         hc_res_init=0.99)))
         # Table 7: per-loop LoRA on the Looped model
         out += [Cell(f"looped_lora{r}", "looped", dict(lora_rank=r)) for r in (4, 16)]
         # the referee's: begin/middle/end vs uniform looping of the whole stack at equal depth and params

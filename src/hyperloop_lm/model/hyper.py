@@ -72,12 +72,12 @@ class _Sinkhorn(torch.autograd.Function):
 
 class HyperConnection(nn.Module):
     def __init__(self, n: int, dim: int, res_kind: str, *, gate_init: float, pre_bias: float,
-                 weight_std: float, res_offdiag: float, sinkhorn_iters: int, eps: float):
+                 weight_std: float, res_offdiag: float, sinkhorn_iters: int, eps: float, res_init: float = 0.5):
         super().__init__()
         self.n, self.dim, self.res_kind, self.sinkhorn_iters, self.eps = n, dim, res_kind, sinkhorn_iters, eps
         res_rows = {"diagonal": n, "sinkhorn": n * n, "identity": 0}[res_kind]
         self.weight = nn.Parameter(torch.randn(2 * n + res_rows, n * dim) * weight_std)  # [W_pre; W_post; W_res]
-        res_bias = torch.zeros(res_rows)
+        res_bias = torch.full((res_rows,), logit(res_init))  # diagonal: each stream keeps res_init of itself
         if res_kind == "sinkhorn":  # mild identity: strongly negative off-diagonals would freeze H_res
             res_bias = torch.full((n, n), res_offdiag).fill_diagonal_(0.0).flatten()
         self.bias = nn.Parameter(torch.cat([torch.full((n,), pre_bias), torch.zeros(n), res_bias]))
@@ -90,7 +90,7 @@ class HyperConnection(nn.Module):
         pre_bias = logit(1 / n) if cfg.hc_pre_bias_init == "logit_inv_n" and n > 1 else 0.0
         return cls(n, cfg.d_model, res_kind, gate_init=cfg.hc_gate_init, pre_bias=pre_bias,
                    weight_std=cfg.hc_weight_init_std, res_offdiag=cfg.hc_res_offdiag_init,
-                   sinkhorn_iters=cfg.sinkhorn_iters, eps=cfg.norm_eps)
+                   sinkhorn_iters=cfg.sinkhorn_iters, eps=cfg.norm_eps, res_init=cfg.hc_res_init)
 
     @classmethod
     def for_mhc(cls, cfg: ModelConfig) -> "HyperConnection":
