@@ -32,12 +32,12 @@ def load_results(root: Path) -> dict[tuple[str, str], dict[str, list[dict]]]:
     return out
 
 
-def mean_std(xs: list[float]) -> str:
+def mean_std(xs: list[float], digits: int = 2) -> str:
     if not xs:
         return "-"
     if len(xs) == 1:
-        return f"{xs[0]:.2f}"
-    return f"{statistics.mean(xs):.2f} +- {statistics.stdev(xs):.2f}"
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} +- {statistics.stdev(xs):.{digits}f}"
 
 
 def paired_diff(a: list[dict], b: list[dict], key=lambda r: r["val"]["ppl"]) -> tuple[float, float, float, int] | None:
@@ -359,20 +359,21 @@ def section_loops(scale: str, cellmap: dict[str, list[dict]], img: Path) -> list
 def section_analysis(scale: str, cellmap: dict[str, list[dict]], img: Path) -> list[str]:
     rows, lens = [], {}
     for name, rs in cellmap.items():
-        a = (rs[0].get("post") or {}).get("analysis")
-        if not a:
+        analyses = [a for r in rs if (a := (r.get("post") or {}).get("analysis"))]
+        if not analyses:
             continue
-        lens[name] = a["logit_lens"]
-        if not a["cross_loop_cosine"]:  # no loops: nothing to compare across loops
+        lens[name] = analyses[0]["logit_lens"]
+        if not analyses[0]["cross_loop_cosine"]:  # no loops: nothing to compare across loops
             continue
-        rows.append([name, *(f"{k}: {v:.3f}" for k, v in a["cross_loop_cosine"].items())])
+        rows.append([name, *(f"{k}: {mean_std([a['cross_loop_cosine'][k] for a in analyses], 3)}"
+                             for k in analyses[0]["cross_loop_cosine"])])
     if not lens:
         return []
     lines = []
     if rows:
         width = max(len(r) for r in rows)
         lines = ["Cross-loop cosine similarity of the same middle layer's output (mean over layers and tokens; "
-                 "pairs of loops):", "",
+                 "pairs of loops; mean +- std over seeds; the logit lens below is seed 0):", "",
                  markdown_table(["model", *[""] * (width - 1)], [r + [""] * (width - len(r)) for r in rows]), "",
                  *cosine_verdict(cellmap)]
 
