@@ -48,3 +48,17 @@ def test_cosine_verdict():
     assert "**agrees**" in cosine_verdict({"hyperloop": analysed(0.8), "looped": analysed(0.9)})[0]
     assert "**disagrees**" in cosine_verdict({"hyperloop": analysed(0.95), "looped": analysed(0.9)})[0]
     assert cosine_verdict({"hyperloop": analysed(0.95)}) == []
+
+
+def test_summary_gathers_verdicts_by_outcome_once_each():
+    from hyperloop_lm.experiments.report import summary
+
+    body = ["## table1 @ x", "- a: **agrees** (the interval excludes 0)", "- b: **disagrees**: the opposite order",
+            "## ablations @ y", "- c: same direction (one seed)", "- d: inconclusive: the interval includes 0",
+            "- e: **opposite direction** (one seed)", "- a: **agrees** (the interval excludes 0)", "| table | row |"]
+    out = "\n".join(summary(body))
+    assert out.count("[table1 @ x] a:") == 1 and "[ablations @ y] a:" not in out  # repeated line: listed once
+    agrees, rest = out.split("**Disagrees** (2):")
+    assert "**Agrees** (1):" in agrees and "[table1 @ x] b:" in rest and "[ablations @ y] e:" in rest
+    assert "(no interval yet)** (1):" in rest and "**Not settled** (1):" in rest and "table | row" not in out
+    assert summary(["## s", "| no verdicts |"]) == []

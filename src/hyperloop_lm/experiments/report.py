@@ -443,5 +443,36 @@ def render_report(results_root: Path = Path("reports/reproduce"), docs: Path = P
             out += section_cells(suite, scale, cellmap, next(iter(cellmap)))
         if suite in ("table1", "analysis"):
             out += section_analysis(scale, cellmap, img) if suite == "table1" else []
-    atomic_write_text(docs, "\n".join(out) + "\n")
+    head = 4  # title and introduction
+    atomic_write_text(docs, "\n".join(out[:head] + summary(out[head:]) + out[head:]) + "\n")
     return docs
+
+
+def summary(body: list[str]) -> list[str]:
+    """The verdict lines of every section, gathered by outcome, so the report states up front where our
+    results agree with the paper and where they do not."""
+    groups = {"Agrees": [], "Disagrees": [], "Same direction, one seed (no interval yet)": [], "Not settled": []}
+    section, seen = "", set()
+    for line in body:
+        if line.startswith("## "):
+            section = line[3:]
+        elif line.startswith(("- ", "Cross-loop similarity against")) and line not in seen:  # table1 repeats analysis
+            seen.add(line)
+            text = f"- [{section}] {line.removeprefix('- ')}"
+            if "**agrees**" in line:
+                groups["Agrees"].append(text)
+            elif "**disagrees**" in line or "**opposite direction**" in line:
+                groups["Disagrees"].append(text)
+            elif "same direction" in line:
+                groups["Same direction, one seed (no interval yet)"].append(text)
+            elif "inconclusive" in line or "no verdict" in line:
+                groups["Not settled"].append(text)
+    if not any(groups.values()):
+        return []
+    out = ["## Summary: where we agree with the paper and where we do not", "",
+           "Every comparison with a paper number below, gathered from the sections that follow (a verdict needs "
+           "a 95% interval over seeds that excludes 0; one-seed cells give a direction only).", ""]
+    for title, lines in groups.items():
+        if lines:
+            out += [f"**{title}** ({len(lines)}):", "", *lines, ""]
+    return out
