@@ -198,3 +198,20 @@ def test_paper_defaults_on_forty_runs():
     assert abs(fit.phi - TRUE["phi"]) < 0.05
     lo, hi = boot.phi_interval
     assert lo < TRUE["phi"] < hi
+
+
+def test_fit_command_reads_run_records_and_writes_a_linkable_report(tmp_path):
+    """`hyperloop-lm scaling fit` on a directory of sweep records: JSON, plots and fit.md with its command."""
+    from hyperloop_lm.experiments.scaling import fit
+
+    runs = tmp_path / "records"
+    runs.mkdir()
+    for i, o in enumerate(synthetic(widths=(4, 8), n_budgets=3)):
+        rec = {"n_once": o.n_once, "n_rec": o.n_rec, "r": o.r, "tokens": o.tokens, "val_loss": o.loss,
+               "budget": o.cell[0], "arch": o.cell[1]}
+        (runs / f"run{i}.json").write_text(json.dumps(rec))
+    table = fit([str(runs)], str(tmp_path / "out"), n_starts=20, n_resamples=10)
+    md = (tmp_path / "out" / "fit.md").read_text()
+    assert "iso-depth (joint)" in table and table in md
+    assert md.startswith(f"Command: `hyperloop-lm scaling fit {runs} --out {tmp_path / 'out'}")
+    assert {"scaling_fit.json", "fitted_vs_observed.png", "loss_vs_neff.png"} <= {p.name for p in (tmp_path / "out").iterdir()}

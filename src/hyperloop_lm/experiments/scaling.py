@@ -130,4 +130,8 @@ def fit(paths: Sequence[str], out_dir: str, n_starts: int = 500, n_resamples: in
     obs = sf.load_summaries(files)
     result = sf.fit_iso_depth(obs, n_starts=n_starts)
     boot = sf.bootstrap_phi(obs, n_resamples=n_resamples, fit=result)
-    return sf.report(obs, result, out_dir, boot=boot, chinchilla=sf.fit_chinchilla(obs))
+    table = sf.report(obs, result, out_dir, boot=boot, chinchilla=sf.fit_chinchilla(obs))
+    command = f"hyperloop-lm scaling fit {' '.join(map(str, paths))} --out {out_dir} --starts {n_starts} --resamples {n_resamples}"
+    atomic_write_text(Path(out_dir) / "fit.md", f"Command: `{command}`\n\n{table}\n\n"
+                      "![fitted vs observed](fitted_vs_observed.png)\n![loss vs effective parameters](loss_vs_neff.png)\n")
+    return table
