@@ -87,8 +87,9 @@ def git_revision() -> str:
                              timeout=5).stdout.strip()
         if not rev:
             return "unknown"
-        # uncommitted edits to tracked files mean the revision alone does not reproduce this run
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        # uncommitted edits to the package's code mean the revision alone does not reproduce this run
+        # (edits elsewhere, e.g. a re-rendered report, do not change what a run computes)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=here,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
