@@ -18,6 +18,7 @@ from hyperloop_lm.utils_format import fmt_bytes, fmt_count, markdown_table
 PAPER_240M = {"transformer": (14.65, 14.85), "mhc": (14.55, 14.73), "looped": (14.85, 15.18),
               "hyperloop": (14.40, 14.68)}
 FAMILY_ORDER = ("transformer", "mhc", "looped", "hyperloop")
+TABLE1_ROWS = (*FAMILY_ORDER, "hyperloop_looped_init")  # + Hyperloop with the Looped-equivalent init (suites.py)
 
 
 def load_results(root: Path) -> dict[tuple[str, str], dict[str, list[dict]]]:
@@ -91,7 +92,7 @@ def _plot(path: Path, draw) -> str:
 
 
 def section_table1(scale: str, cellmap: dict[str, list[dict]], img: Path) -> list[str]:
-    fams = [f for f in FAMILY_ORDER if f in cellmap]
+    fams = [f for f in TABLE1_ROWS if f in cellmap]
     ref = cellmap.get("transformer", [])
     rows = []
     tok_ref = statistics.mean([r["train_tok_s"] for r in ref]) if ref else None
@@ -102,8 +103,8 @@ def section_table1(scale: str, cellmap: dict[str, list[dict]], img: Path) -> lis
         rows.append([f, fmt_count(rs[0]["unique_params"]), fmt_count(rs[0]["total_params"]), mean_std(ppls(rs)),
                      mean_std([r["val"]["bpb"] for r in rs]), mean_std(q) if q else "-",
                      f"{tok / tok_ref:.2f}" if tok_ref else "-", fmt_diff(paired_diff(rs, ref)) if f != "transformer" else "0",
-                     len(rs), "%.2f / %.2f" % PAPER_240M[f]])
-    lines = [markdown_table(["family", "unique params", "total params", "val ppl", "bpb", "GPTQ-INT4 ppl",
+                     len(rs), "%.2f / %.2f" % PAPER_240M[rs[0]["family"]]])
+    lines = [markdown_table(["cell", "unique params", "total params", "val ppl", "bpb", "GPTQ-INT4 ppl",
                              "train tok/s ratio", "ppl diff vs Transformer [95% CI]", "seeds", "paper 240M ppl / INT4"],
                             rows), ""]
 
@@ -111,7 +112,7 @@ def section_table1(scale: str, cellmap: dict[str, list[dict]], img: Path) -> lis
         for f in fams:
             for i, r in enumerate(cellmap[f]):
                 h = r["history"]
-                ax.plot([p["tokens"] / 1e6 for p in h], [p["loss"] for p in h], color=f"C{FAMILY_ORDER.index(f)}",
+                ax.plot([p["tokens"] / 1e6 for p in h], [p["loss"] for p in h], color=f"C{TABLE1_ROWS.index(f)}",
                         alpha=0.8, label=f if i == 0 else None)
         ax.set_xlabel("training tokens (M)")
         ax.set_ylabel("held-out loss (nats/token)")
@@ -122,7 +123,7 @@ def section_table1(scale: str, cellmap: dict[str, list[dict]], img: Path) -> lis
             rs = cellmap[f]
             ax.errorbar(rs[0]["unique_params"] / 1e6, statistics.mean(ppls(rs)),
                         yerr=statistics.stdev(ppls(rs)) if len(rs) > 1 else 0, fmt="o", label=f,
-                        color=f"C{FAMILY_ORDER.index(f)}")
+                        color=f"C{TABLE1_ROWS.index(f)}")
         ax.set_xlabel("unique parameters (M, paper convention)")
         ax.set_ylabel("held-out perplexity")
         ax.legend()
@@ -130,7 +131,7 @@ def section_table1(scale: str, cellmap: dict[str, list[dict]], img: Path) -> lis
     def int4(ax):
         xs = [f for f in fams if any(_int4(r) for r in cellmap[f])]
         ax.bar(xs, [statistics.mean([_int4(r) - r["val"]["ppl"] for r in cellmap[f] if _int4(r)]) for f in xs],
-               color=[f"C{FAMILY_ORDER.index(f)}" for f in xs])
+               color=[f"C{TABLE1_ROWS.index(f)}" for f in xs])
         ax.set_ylabel("perplexity increase from GPTQ INT4 g128")
 
     lines += ["The train tok/s ratio is measured inside the suite, where parallel workers and other jobs share "
@@ -146,7 +147,8 @@ def section_table1(scale: str, cellmap: dict[str, list[dict]], img: Path) -> lis
 
 # The paper's Table 1 orderings we check (a, b): a has lower perplexity than b at 240M.
 PAPER_CLAIMS = (("hyperloop", "transformer"), ("hyperloop", "mhc"), ("hyperloop", "looped"), ("transformer", "looped"),
-                ("mhc", "transformer"))
+                ("mhc", "transformer"), ("hyperloop_looped_init", "transformer"), ("hyperloop_looped_init", "mhc"),
+                ("hyperloop_looped_init", "looped"))
 
 
 def verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
@@ -155,7 +157,8 @@ def verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
     def int4_cost(r):
         return _int4(r) - r["val"]["ppl"] if _int4(r) else math.nan
 
-    claims = [(a, b, "ppl", lambda r: r["val"]["ppl"], PAPER_240M[a][0] - PAPER_240M[b][0]) for a, b in PAPER_CLAIMS]
+    paper = {**PAPER_240M, "hyperloop_looped_init": PAPER_240M["hyperloop"]}  # the paper's init is unstated
+    claims = [(a, b, "ppl", lambda r: r["val"]["ppl"], paper[a][0] - paper[b][0]) for a, b in PAPER_CLAIMS]
     # the paper's quantization claim: looping makes INT4 hurt more, and Hyperloop's HC narrows that gap
     claims += [(a, b, "INT4 ppl increase", int4_cost, (PAPER_240M[a][1] - PAPER_240M[a][0]) - (PAPER_240M[b][1] - PAPER_240M[b][0]))
                for a, b in (("transformer", "looped"), ("hyperloop", "looped"))]
