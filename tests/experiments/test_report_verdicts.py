@@ -20,16 +20,17 @@ def test_table1_verdicts_use_the_paired_interval():
 
 
 def test_ablation_verdicts_one_seed_direction_and_noise():
-    cm = {"hyperloop": cell([100.0, 101.0]), "streams2": cell([100.5]), "hres_identity": cell([110.0]),
+    cm = {"hyperloop": cell([100.0, 101.0]), "looped": cell([90.0, 90.0]), "streams2": cell([100.5]), "hres_identity": cell([110.0]),
           "hc_every6": cell([95.0]), "middle1x6": cell([101.0])}
     out = ablation_verdicts(cm)
     # paper +0.03: within the paper's own noise, nothing to check
     assert "no direction to check" in line(out, "- streams2")
-    # paper +0.21, ours +10 with a reference seed std of 0.71: beyond the noise, same direction
+    # paper +0.21, ours +10; pooled seed std 0.5 (df 2), so a difference has noise 0.71: beyond it, same direction
     assert "same direction" in line(out, "- hres_identity") and "beyond" in line(out, "- hres_identity")
     assert "**opposite direction**" in line(out, "- hc_every6")  # paper +0.23, ours -5
-    assert "inconclusive" in line(out, "- middle1x6")  # +1 is within 2 x sqrt(2) x 0.71
-    assert not [l for l in out if l.startswith("- looped_lora")]  # no looped reference cell: no line
+    assert "inconclusive" in line(out, "- middle1x6")  # +1 is within 2 x 0.71
+    assert not [l for l in out if l.startswith("- looped_lora")]  # cells not run: no line
+    assert "**disagrees**" in line(out, "- looped")  # two seeds: the interval decides
 
 
 def test_recipe_verdicts():

@@ -206,9 +206,12 @@ PAPER_NOISE = 0.1  # ppl: the spec: "differences of ~0.1 ppl are within noise" (
 def ablation_verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
     """One line per ablation the paper also ran: the direction of its difference to the reference vs ours.
 
-    With one seed there is no interval; the noise yardstick is then the reference cell's own seed spread
-    (std of a difference of two runs = sqrt(2) x the std over seeds) when it has two or more seeds."""
+    With one seed there is no interval; the noise yardstick is then the suite's seed spread: the std over
+    seeds pooled across every cell with two or more seeds, times sqrt(2) for a difference of two runs."""
     out = []
+    multi = [ppls(rs) for rs in cellmap.values() if len(rs) > 1]
+    dof = sum(len(x) - 1 for x in multi)
+    noise = math.sqrt(2 * sum(statistics.variance(x) * (len(x) - 1) for x in multi) / dof) if dof else None
     for name, (paper_ppl, what, ref) in PAPER_ABLATIONS.items():
         if ref is None or name not in cellmap or ref not in cellmap:
             continue
@@ -217,8 +220,6 @@ def ablation_verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
             continue
         m, lo, hi, n = d
         paper = paper_ppl - PAPER_ABLATIONS[ref][0]
-        ref_ppls = ppls(cellmap[ref])
-        noise = math.sqrt(2) * statistics.stdev(ref_ppls) if len(ref_ppls) > 1 else None
         if abs(paper) <= PAPER_NOISE + 1e-9:  # the paper numbers have two decimals
             verdict = f"the paper's difference is within its one-seed noise (~{PAPER_NOISE}), so no direction to check"
         elif n >= 2 and not (lo <= 0 <= hi):
