@@ -314,7 +314,7 @@ def section_zeroshot(cellmap: dict[str, list[dict]], names: list[str]) -> list[s
 
 
 def section_cells(suite: str, scale: str, cellmap: dict[str, list[dict]], ref_cell: str,
-                  ref_of=None) -> list[str]:
+                  ref_of=None, ref_label: str = "the family AdamW run") -> list[str]:
     """ref_of(name, results) -> the reference cell's name for that row (default: ref_cell for all)."""
     rows = []
     for name, rs in cellmap.items():
@@ -327,7 +327,7 @@ def section_cells(suite: str, scale: str, cellmap: dict[str, list[dict]], ref_ce
                      fmt_diff(paired_diff(rs, ref)) if name != ref_name else "ref",
                      f"{statistics.mean(r['train_tok_s'] for r in rs):.0f}", fmt_bytes(opt) if opt else "-", len(rs)])
     return [markdown_table(["cell", "family", "schedule", "unique params", "val ppl",
-                            f"diff vs {'the family AdamW run' if ref_of else ref_cell} [95% CI]",
+                            f"diff vs {ref_label if ref_of else ref_cell} [95% CI]",
                             "train tok/s", "optimizer state", "seeds"], rows), ""]
 
 
@@ -440,7 +440,8 @@ def render_report(results_root: Path = Path("reports/reproduce"), docs: Path = P
         elif suite == "optimizers":
             out += section_optimizers(scale, cellmap, img)
         elif suite == "recipes":
-            out += section_cells(suite, scale, cellmap, next(iter(cellmap))) + recipe_verdicts(cellmap)
+            out += section_cells(suite, scale, cellmap, "", ref_of=lambda n, rs: f"{rs[0]['family']}_pytorch_lr4e-4",
+                                 ref_label="the family's PyTorch-init run") + recipe_verdicts(cellmap)
         elif suite == "ablations":
             out += section_cells(suite, scale, cellmap, "hyperloop") + ablation_verdicts(cellmap)
         else:
