@@ -14,6 +14,7 @@ Runs: runs/scaling/<family>/<arch>/C<budget>/ ; results: reports/scaling/<family
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -130,7 +131,14 @@ def fit(paths: Sequence[str], out_dir: str, n_starts: int = 500, n_resamples: in
     obs = sf.load_summaries(files)
     result = sf.fit_iso_depth(obs, n_starts=n_starts)
     boot = sf.bootstrap_phi(obs, n_resamples=n_resamples, fit=result)
-    table = sf.report(obs, result, out_dir, boot=boot, chinchilla=sf.fit_chinchilla(obs))
+    # a per-architecture Chinchilla fit has 5 parameters: architectures with fewer runs (a sweep still under
+    # way) are left out of it rather than failing the joint fit
+    runs = Counter(o.arch for o in obs)
+    enough = [o for o in obs if runs[o.arch] >= 5]
+    table = sf.report(obs, result, out_dir, boot=boot, chinchilla=sf.fit_chinchilla(enough) if enough else {})
+    skipped = sorted(a for a, n in runs.items() if n < 5)
+    if skipped:
+        table += f"\n\nPer-architecture fits skipped for {', '.join(skipped)} (fewer than 5 runs each)."
     command = f"hyperloop-lm scaling fit {' '.join(map(str, paths))} --out {out_dir} --starts {n_starts} --resamples {n_resamples}"
     atomic_write_text(Path(out_dir) / "fit.md", f"Command: `{command}`\n\n{table}\n\n"
                       "![fitted vs observed](fitted_vs_observed.png)\n![loss vs effective parameters](loss_vs_neff.png)\n")
