@@ -18,7 +18,8 @@ def test_git_revision_dirty_only_for_package_edits(tmp_path, monkeypatch):
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "init"], check=True)
-    monkeypatch.setattr(trainer, "__file__", str(pkg / "train.py"))  # git_revision looks beside its own file
+    (pkg / "train").mkdir()  # the real layout: hyperloop_lm/train/trainer.py, the code it guards one level up
+    monkeypatch.setattr(trainer, "__file__", str(pkg / "train" / "trainer.py"))
     clean = trainer.git_revision()
     assert clean != "unknown" and not clean.endswith("+dirty")
     (repo / "report.md").write_text("v2\n")  # a re-rendered report: not the code

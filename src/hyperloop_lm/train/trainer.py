@@ -82,7 +82,7 @@ def memory_mb(device: torch.device) -> float:
 
 def git_revision() -> str:
     try:
-        here = Path(__file__).resolve().parent
+        here = Path(__file__).resolve().parent.parent  # the hyperloop_lm package
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=5).stdout.strip()
         if not rev:
