@@ -145,6 +145,24 @@ def section_table1(scale: str, cellmap: dict[str, list[dict]], img: Path) -> lis
     return lines + section_zeroshot(cellmap, [*fams, "random_init"])
 
 
+def judge(d: tuple[float, float, float, int], paper: float, noise: float | None = None) -> str:
+    """Our paired difference d = (mean, lo, hi, seeds) against the sign of the paper's difference. With two or
+    more seeds the 95% interval decides; with one, only the direction, set against `noise` (the seed noise of a
+    difference of two runs) when it is known."""
+    m, lo, hi, n = d
+    same = (m > 0) == (paper > 0)
+    if n >= 2:
+        if lo <= 0 <= hi:
+            return "inconclusive: the interval includes 0"
+        return "**agrees** (the interval excludes 0)" if same else \
+            "**disagrees**: the opposite order, the interval excludes 0"
+    if noise is not None and abs(m) < 2 * noise:
+        return f"inconclusive: within 2x the seed noise of a difference ({noise:.2f}); needs more seeds"
+    return ("same direction" if same else "**opposite direction**") + \
+        (f" (one seed; beyond 2x the seed noise of a difference, {noise:.2f})" if noise is not None else
+         " (one seed, no interval)")
+
+
 # The paper's Table 1 orderings we check (a, b): a has lower perplexity than b at 240M.
 PAPER_CLAIMS = (("hyperloop", "transformer"), ("hyperloop", "mhc"), ("hyperloop", "looped"), ("transformer", "looped"),
                 ("mhc", "transformer"), ("hyperloop_looped_init", "transformer"), ("hyperloop_looped_init", "mhc"),
@@ -157,8 +175,8 @@ def verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
     def int4_cost(r):
         return _int4(r) - r["val"]["ppl"] if _int4(r) else math.nan
 
-    paper = {**PAPER_240M, "hyperloop_looped_init": PAPER_240M["hyperloop"]}  # the paper's init is unstated
-    claims = [(a, b, "ppl", lambda r: r["val"]["ppl"], paper[a][0] - paper[b][0]) for a, b in PAPER_CLAIMS]
+    paper_ppl = {**PAPER_240M, "hyperloop_looped_init": PAPER_240M["hyperloop"]}  # the paper's init is unstated
+    claims = [(a, b, "ppl", lambda r: r["val"]["ppl"], paper_ppl[a][0] - paper_ppl[b][0]) for a, b in PAPER_CLAIMS]
     # the paper's quantization claim: looping makes INT4 hurt more, and Hyperloop's HC narrows that gap
     claims += [(a, b, "INT4 ppl increase", int4_cost, (PAPER_240M[a][1] - PAPER_240M[a][0]) - (PAPER_240M[b][1] - PAPER_240M[b][0]))
                for a, b in (("transformer", "looped"), ("hyperloop", "looped"))]
@@ -168,16 +186,8 @@ def verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
         d = paired_diff(cellmap[a], cellmap[b], key)
         if d is None or math.isnan(d[0]):
             continue
-        m, lo, hi, n = d
-        if n < 2:
-            verdict = "one seed so far: no interval, no verdict"
-        elif hi < 0:
-            verdict = "**agrees** (the interval excludes 0)"
-        elif lo > 0:
-            verdict = "**disagrees**: the opposite order, the interval excludes 0"
-        else:
-            verdict = "inconclusive: the interval includes 0"
-        out.append(f"- {what}, {a} vs {b}: paper {paper:+.2f} at 240M; ours {fmt_diff(d)} over {n} seed(s): {verdict}")
+        out.append(f"- {what}, {a} vs {b}: paper {paper:+.2f} at 240M; ours {fmt_diff(d)} over {d[3]} seed(s): "
+                   f"{judge(d, paper)}")
     return (["Against the paper's Table 1 orderings (difference first minus second; lower is better for the first):", "",
              *out, ""] if out else [])
 
@@ -218,36 +228,12 @@ def ablation_verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
         d = paired_diff(cellmap[name], cellmap[ref])
         if d is None:
             continue
-        m, lo, hi, n = d
         paper = paper_ppl - PAPER_ABLATIONS[ref][0]
-        if abs(paper) <= PAPER_NOISE + 1e-9:  # the paper numbers have two decimals
-            verdict = f"the paper's difference is within its one-seed noise (~{PAPER_NOISE}), so no direction to check"
-        elif n >= 2 and not (lo <= 0 <= hi):
-            verdict = "**agrees** (the interval excludes 0)" if (m > 0) == (paper > 0) else \
-                "**disagrees**: the opposite order, the interval excludes 0"
-        elif n >= 2:
-            verdict = "inconclusive: the interval includes 0"
-        elif noise is not None and abs(m) < 2 * noise:
-            verdict = f"inconclusive: within 2x the seed noise of a difference ({noise:.2f}); needs more seeds"
-        else:
-            same = (m > 0) == (paper > 0)
-            verdict = ("same direction" if same else "**opposite direction**") + " (one seed" + \
-                (f"; beyond 2x the seed noise of a difference, {noise:.2f})" if noise is not None else
-                 "; seed noise not measured at this scale)")
+        verdict = judge(d, paper, noise) if abs(paper) > PAPER_NOISE + 1e-9 else \
+            f"the paper's difference is within its one-seed noise (~{PAPER_NOISE}), so no direction to check"
         out.append(f"- {name} ({what}) vs {ref}: paper {paper:+.2f}; ours {fmt_diff(d)}: {verdict}")
     return (["Against the paper's ablations (difference to the reference cell; positive = worse than it):", "",
              *out, ""] if out else [])
-
-
-def _direction_line(label: str, paper: float, d, paper_what: str) -> str:
-    m, lo, hi, n = d
-    if n < 2:
-        verdict = ("same direction" if (m > 0) == (paper > 0) else "**opposite direction**") + " (one seed, no interval)"
-    elif lo <= 0 <= hi:
-        verdict = "inconclusive: the interval includes 0"
-    else:
-        verdict = "**agrees**" if (m > 0) == (paper > 0) else "**disagrees**: the opposite order"
-    return f"- {label}: paper {paper_what}; ours {fmt_diff(d)}: {verdict}"
 
 
 def recipe_verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
@@ -257,11 +243,13 @@ def recipe_verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
     for fam in ("transformer", "hyperloop"):
         a, b = cellmap.get(f"{fam}_gpt2_lr0.0016"), cellmap.get(f"{fam}_pytorch_lr4e-4")
         if a and b:
-            out.append(_direction_line(f"{fam}, GPT-2 init + lr 1.6e-3 vs PyTorch init + lr 4e-4", -1.5,
-                                       paired_diff(a, b), "-1.3 to -1.9"))
+            d = paired_diff(a, b)
+            out.append(f"- {fam}, GPT-2 init + lr 1.6e-3 vs PyTorch init + lr 4e-4: paper -1.3 to -1.9; ours "
+                       f"{fmt_diff(d)}: {judge(d, -1.5)}")
     a, b = cellmap.get("hyperloop_pytorch_lr4e-4"), cellmap.get("transformer_pytorch_lr4e-4")
     if a and b:
-        out.append(_direction_line("hyperloop vs transformer, PyTorch init + lr 4e-4", -0.25, paired_diff(a, b), "-0.25"))
+        d = paired_diff(a, b)
+        out.append(f"- hyperloop vs transformer, PyTorch init + lr 4e-4: paper -0.25; ours {fmt_diff(d)}: {judge(d, -0.25)}")
     a, b = cellmap.get("hyperloop_gpt2_lr0.0016"), cellmap.get("transformer_gpt2_lr0.0016")
     if a and b:
         d = paired_diff(a, b)
@@ -470,7 +458,7 @@ def summary(body: list[str]) -> list[str]:
                 groups["Disagrees"].append(text)
             elif "same direction" in line:
                 groups["Same direction, one seed (no interval yet)"].append(text)
-            elif "inconclusive" in line or "no verdict" in line:
+            elif "inconclusive" in line:
                 groups["Not settled"].append(text)
     if not any(groups.values()):
         return []
