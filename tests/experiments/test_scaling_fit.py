@@ -17,6 +17,7 @@ from hyperloop_lm.experiments.scaling_fit import (
     iso_depth_objective,
     load_csv,
     load_summaries,
+    looping_penalty,
     predict_loss,
     report,
 )
@@ -174,10 +175,34 @@ def test_report_writes_json_pngs_and_table(noisy, tmp_path):
     assert len(payload["bootstrap"]["samples"]["phi"]) == 60 and len(payload["observations"]) == 96
     for png in ("fitted_vs_observed.png", "loss_vs_neff.png"):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    lines = table.splitlines()
+    lines = table.split("\n\n")[0].splitlines()
     assert len(lines) == 3 + 4
     lo, hi = boot.phi_interval
     assert f"{fit.phi:.3f} [{lo:.3f}, {hi:.3f}]" in lines[2] and lines[2].endswith("| 96 |")
+    assert "Bootstrap phi: median" in table and "Looping penalty" in table
+    assert "do not identify phi" not in table  # a well-posed grid: the interval stays inside the box
+    assert len(payload["looping_penalty"]) == 6 * 4  # budgets x widths, each with its r = 1 run
+    # the same fit with a bootstrap that ran into the box edge says so
+    edge = dataclasses.replace(boot, intervals={**boot.intervals, "phi": (-3.0, hi)})
+    assert "do not identify phi" in report(obs, fit, tmp_path / "edge", boot=edge)
+
+
+def test_looping_penalty_is_the_loss_difference_to_r1_at_equal_width_and_budget():
+    obs = synthetic(noise=0.0, widths=(4, 8), n_budgets=2)
+    rows = looping_penalty(obs)
+    assert len(rows) == 2 * 2 and all(sorted(row["penalty"]) == [2.0, 4.0, 8.0] for row in rows)
+    for row in rows:
+        group = {o.r: o.loss for o in obs if (o.budget, o.n_once, o.tokens) ==
+                 (row["budget"], row["n_once"], row["tokens"])}
+        assert row["base_loss"] == group[1.0]
+        assert row["penalty"] == {r: pytest.approx(group[r] - group[1.0]) for r in (2.0, 4.0, 8.0)}
+        # phi = 0.5 < 1: a loop is worth less than a unique block, more so the more it is shared
+        assert 0 < row["penalty"][2.0] < row["penalty"][4.0] < row["penalty"][8.0]
+    # a higher phi prices the loops higher: smaller penalties on the same grid
+    richer = looping_penalty(synthetic(noise=0.0, widths=(4, 8), n_budgets=2, params={**TRUE, "phi": 0.9}))
+    assert all(a["penalty"][8.0] < b["penalty"][8.0] for a, b in zip(richer, rows))
+    # groups without a non-looped run are left out
+    assert looping_penalty([o for o in obs if o.r != 1]) == []
 
 
 def test_bootstrap_is_reproducible():

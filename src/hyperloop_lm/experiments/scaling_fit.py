@@ -61,6 +61,7 @@ __all__ = [
     "load_csv",
     "plot_fitted_vs_observed",
     "plot_loss_vs_neff",
+    "looping_penalty",
     "report",
 ]
 
@@ -529,6 +530,48 @@ def load_csv(path: str | os.PathLike) -> list[Observation]:
 
 
 # --------------------------------------------------------------------------------------------
+# Model-free view
+# --------------------------------------------------------------------------------------------
+
+
+def looping_penalty(obs: Sequence[Observation]) -> list[dict[str, Any]]:
+    """Loss of each looped run minus the non-looped (r = 1) run of the same width and budget.
+
+    At iso-depth every r of one width costs the same FLOPs and sees the same tokens, so the data
+    term of the law cancels and the difference is the price of sharing the middle's weights, with
+    no fitted parameter involved (a smaller penalty at the same r means a larger phi). Runs are
+    grouped by (budget, N_once, tokens), i.e. by width at a budget; groups without an r = 1 run are
+    left out. One row per group: budget, n_once, tokens, base_loss, and {r: penalty} in `penalty`.
+    """
+    groups: dict[tuple[Any, float, float], dict[float, float]] = {}
+    for o in obs:
+        groups.setdefault((o.budget, o.n_once, o.tokens), {})[o.r] = o.loss
+    rows = []
+    for (budget, n_once, tokens), by_r in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1:])):
+        if 1.0 in by_r:
+            base = by_r[1.0]
+            rows.append({"budget": budget, "n_once": n_once, "tokens": tokens, "base_loss": base,
+                         "penalty": {r: loss - base for r, loss in sorted(by_r.items()) if r != 1.0}})
+    return rows
+
+
+def _penalty_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    rs = sorted({r for row in rows for r in row["penalty"]})
+    head = ["| budget | N_once | tokens | loss r=1 |"] + [f" r={r:g} |" for r in rs]
+    lines = ["".join(head), "|---" * (4 + len(rs)) + "|"]
+    for row in rows:
+        b = row["budget"]
+        cells = [f"| {b:.0e} |" if isinstance(b, float) else f"| {b} |",
+                 f" {row['n_once']:,.0f} | {row['tokens']:,.0f} | {row['base_loss']:.4f} |"]
+        cells += [f" {row['penalty'][r]:+.4f} |" if r in row["penalty"] else " - |" for r in rs]
+        lines.append("".join(cells))
+    if rows:
+        means = [np.mean([row["penalty"][r] for row in rows if r in row["penalty"]]) for r in rs]
+        lines.append("| mean | | | |" + "".join(f" {m:+.4f} |" for m in means))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 # Plots and report
 # --------------------------------------------------------------------------------------------
 
@@ -623,6 +666,8 @@ def report(obs: Sequence[Observation], fit: FitResult, out_dir: str | os.PathLik
         "fit": fit.to_dict(),
         "bootstrap": boot.to_dict() if boot is not None else None,
         "chinchilla": {k: v.to_dict() for k, v in (chinchilla or {}).items()},
+        "looping_penalty": [{**row, "penalty": {f"{r:g}": v for r, v in row["penalty"].items()}}
+                            for row in looping_penalty(obs)],
         "observations": [{**asdict(o), "cell": list(o.cell)} for o in obs],
     }
     atomic_write_text(out_dir / "scaling_fit.json", json.dumps(payload, indent=1) + "\n")
@@ -638,4 +683,23 @@ def report(obs: Sequence[Observation], fit: FitResult, out_dir: str | os.PathLik
     for arch, f in (chinchilla or {}).items():
         rows.append(f"| Chinchilla {arch} | - | {f.alpha:.3f} | {f.beta:.3f} | {f.E:.3f} | "
                     f"{f.r2:.4f} | {f.n_obs} |")
-    return "\n".join(rows)
+    notes = []
+    if boot is not None:
+        phis = boot.samples[:, PARAM_NAMES.index("phi")]
+        q1, med, q3 = np.percentile(phis, [25, 50, 75])
+        notes.append(f"Bootstrap phi: median {med:.3f}, quartiles [{q1:.3f}, {q3:.3f}] "
+                     f"({boot.n_resamples} resamples of {boot.n_cells} cells).")
+        lo, hi = boot.phi_interval
+        if lo <= BOX["phi"][0] + 1e-6 or hi >= BOX["phi"][1] - 1e-6:
+            notes.append("**The phi interval reaches the edge of the search box: these runs do not "
+                         "identify phi.**")
+    at_bound = [shown for name, shown in (("alpha", "alpha"), ("beta", "beta"), ("e", "E"))
+                if min(abs(fit.theta[THETA_NAMES.index(name)] - edge) for edge in BOX[name]) < 1e-6]
+    if at_bound:
+        notes.append(f"The joint fit has {', '.join(at_bound)} on the box edge.")
+    penalty = looping_penalty(obs)
+    if penalty:
+        notes.append("Looping penalty (model-free): validation loss minus the r = 1 run of the same "
+                     "width and budget (same FLOPs, same tokens; positive = the looped model is worse):\n\n"
+                     + _penalty_table(penalty))
+    return "\n\n".join(["\n".join(rows), *notes])
