@@ -4,12 +4,17 @@ Spawned workers (a fork would copy torch's thread pools), one share of the cores
 that it was interrupted (Ctrl-C or SIGTERM reach every process of the group; each training run saves a
 checkpoint and returns), no queued run starts any more and the runs in flight finish their own shutdown.
 We never terminate workers mid-run: a worker inside `train` handles SIGTERM itself, so a terminate would wait
-for it forever (this hung `reproduce` once).
+for it forever (this hung `reproduce` once). A parent killed on its own (`kill PID`, not the group) would leave
+its workers training on, and a restarted suite would then train the same cell twice at once in one directory:
+each worker watches its parent and, when it is gone, stops as a SIGTERM would stop it (checkpoint, return).
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
+import threading
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 _STOP = None  # the suite's stop event, in each worker
@@ -21,6 +26,14 @@ def _init(stop, threads: int) -> None:
 
     _STOP = stop
     torch.set_num_threads(threads)
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
+
+
+def _stop_when_orphaned(parent: int, poll_s: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    _STOP.set()  # no queued run starts
+    os.kill(os.getpid(), signal.SIGTERM)  # the run in flight saves its checkpoint and returns
 
 
 def _call(args: tuple[Callable[[Any], Any], Any]) -> Any:
