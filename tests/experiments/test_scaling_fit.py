@@ -191,6 +191,9 @@ def test_looping_penalty_is_the_loss_difference_to_r1_at_equal_width_and_budget(
     obs = synthetic(noise=0.0, widths=(4, 8), n_budgets=2)
     rows = looping_penalty(obs)
     assert len(rows) == 2 * 2 and all(sorted(row["penalty"]) == [2.0, 4.0, 8.0] for row in rows)
+    # budgets in numeric order (as text, "1e+18" would come before "3e+17")
+    relabeled = [dataclasses.replace(o, cell=(3e17 if o.budget < 1e18 else 1e18, o.arch)) for o in obs]
+    assert [row["budget"] for row in looping_penalty(relabeled)] == [3e17, 3e17, 1e18, 1e18]
     for row in rows:
         group = {o.r: o.loss for o in obs if (o.budget, o.n_once, o.tokens) ==
                  (row["budget"], row["n_once"], row["tokens"])}

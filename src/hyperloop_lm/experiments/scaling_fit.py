@@ -547,12 +547,17 @@ def looping_penalty(obs: Sequence[Observation]) -> list[dict[str, Any]]:
     for o in obs:
         groups.setdefault((o.budget, o.n_once, o.tokens), {})[o.r] = o.loss
     rows = []
-    for (budget, n_once, tokens), by_r in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1:])):
+    for (budget, n_once, tokens), by_r in sorted(groups.items(), key=lambda kv: (_budget_order(kv[0][0]), kv[0][1:])):
         if 1.0 in by_r:
             base = by_r[1.0]
             rows.append({"budget": budget, "n_once": n_once, "tokens": tokens, "base_loss": base,
                          "penalty": {r: loss - base for r, loss in sorted(by_r.items()) if r != 1.0}})
     return rows
+
+
+def _budget_order(budget: Any) -> tuple[bool, Any]:
+    """Numbers first, in numeric order, then text labels."""
+    return (isinstance(budget, str), budget)
 
 
 def _penalty_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -624,7 +629,7 @@ def plot_loss_vs_neff(obs: Sequence[Observation], fit: FitResult,
     observed = np.array([o.loss for o in obs])
     fitted = observed / np.exp(fit.residuals)
     colors = _r_colors(obs)
-    budgets = sorted({o.budget for o in obs}, key=lambda b: (isinstance(b, str), b))
+    budgets = sorted({o.budget for o in obs}, key=_budget_order)
     markers = {b: _MARKERS[i % len(_MARKERS)] for i, b in enumerate(budgets)}
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
