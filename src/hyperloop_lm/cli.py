@@ -336,9 +336,12 @@ def _quantize(p: argparse.ArgumentParser):
 def _scaling(p: argparse.ArgumentParser):
     p.description = ("Iso-depth scaling laws (arXiv 2604.21106): `sweep` trains a grid of depth-D models with the "
                      "middle looped r times at FLOP budgets (resumable); `fit` fits L = E + A (N_once + r^phi "
-                     "N_rec)^-alpha + B D^-beta with a block-bootstrap interval on phi.")
-    p.add_argument("action", choices=("sweep", "fit"))
-    p.add_argument("paths", nargs="*", help="fit: result directories or JSON files (e.g. reports/scaling/looped)")
+                     "N_rec)^-alpha + B D^-beta with a block-bootstrap interval on phi; `compare` sets families "
+                     "side by side without a fit (loss minus the r = 1 run of the same width and budget). "
+                     "Typical: sweep --family looped; sweep --family hyperloop; fit reports/scaling/looped --out "
+                     "docs/scaling/looped; compare reports/scaling/looped reports/scaling/hyperloop.")
+    p.add_argument("action", choices=("sweep", "fit", "compare"))
+    p.add_argument("paths", nargs="*", help="fit/compare: result directories or JSON files (e.g. reports/scaling/looped)")
     p.add_argument("--family", choices=("looped", "hyperloop"), default="looped")
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--r", default="1,2,4,8", help="recurrences, comma-separated")
@@ -349,7 +352,7 @@ def _scaling(p: argparse.ArgumentParser):
     p.add_argument("--truncate-backprop", type=int, default=0, help="gradients only through the last k loops")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of every run")
     p.add_argument("--workers", type=int, default=1, help="runs trained in parallel (threads split between them)")
-    p.add_argument("--out", default="docs/scaling", help="fit: directory for the fit JSON and plots")
+    p.add_argument("--out", default="docs/scaling", help="fit/compare: directory for the markdown, JSON and plots")
     p.add_argument("--starts", type=int, default=500, help="fit: random L-BFGS-B starts")
     p.add_argument("--resamples", type=int, default=200, help="fit: bootstrap resamples")
 
@@ -360,8 +363,10 @@ def _scaling(p: argparse.ArgumentParser):
             scaling.sweep(a.family, a.depth, [int(x) for x in a.r.split(",")], [int(x) for x in a.widths.split(",")],
                           [float(x) for x in a.budgets.split(",")], corpus=a.corpus, seq_len=a.seq_len,
                           lr=a.lr, truncate_backprop=a.truncate_backprop, workers=a.workers)
-        else:
+        elif a.action == "fit":
             print(scaling.fit(a.paths or ["reports/scaling"], a.out, a.starts, a.resamples))
+        else:
+            print(scaling.compare(a.paths or ["reports/scaling"], a.out))
 
     return run
 

@@ -251,3 +251,30 @@ def test_fit_command_reads_run_records_and_writes_a_linkable_report(tmp_path):
                 break
     table = fit([str(runs)], str(tmp_path / "out2"), n_starts=20, n_resamples=10)
     assert "skipped for 2-2x8-2" in table and "Chinchilla 2-16x1-2" in table
+
+
+def test_compare_pairs_the_families_penalties_by_budget_width_and_r(tmp_path):
+    """`hyperloop-lm scaling compare`: each family against its own r = 1 run, then paired across families."""
+    from hyperloop_lm.experiments.scaling import compare
+
+    for family, phi in (("looped", 0.4), ("hyperloop", 0.8)):
+        (tmp_path / family).mkdir()
+        for i, o in enumerate(synthetic(noise=0.0, widths=(4, 8), n_budgets=2, params={**TRUE, "phi": phi})):
+            rec = {"family": family, "width": 64 * int(o.label.rsplit("-s", 1)[1]), "n_once": o.n_once,
+                   "n_rec": o.n_rec, "r": o.r, "tokens": o.tokens, "val_loss": o.loss, "budget": o.budget,
+                   "arch": o.arch}
+            (tmp_path / family / f"run{i}.json").write_text(json.dumps(rec))
+    table = compare([str(tmp_path / "looped"), str(tmp_path / "hyperloop")], str(tmp_path / "out"))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    per_group = [r for r in rows if not r[0].startswith("mean")]
+    assert len(per_group) == 2 * 2 * 3  # budgets x widths x (r = 2, 4, 8)
+    for r in per_group:  # the family with the higher phi loses less to looping, everywhere
+        assert float(r[3]) > float(r[4]) > 0 and float(r[5]) == pytest.approx(float(r[4]) - float(r[3]), abs=2e-4)
+    means = [r for r in rows if r[0] == "mean of 4"]
+    assert [r[2] for r in means] == ["2", "4", "8"]
+    for m in means:
+        group = [float(r[5]) for r in per_group if r[2] == m[2]]
+        assert float(m[5]) == pytest.approx(sum(group) / 4, abs=2e-4)
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert md.startswith("Command: `hyperloop-lm scaling compare") and table in md
+    assert (tmp_path / "out" / "looping_penalty.png").read_bytes()[:4] == b"\x89PNG"

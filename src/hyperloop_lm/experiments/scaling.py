@@ -10,6 +10,9 @@ the paper's non-embedding counts.
 
 Runs: runs/scaling/<family>/<arch>/C<budget>/ ; results: reports/scaling/<family>/<arch>__C<budget>.json
 (one record per run with n_once, n_rec, r, tokens, val_loss, budget, arch); resumable like reproduce.
+
+`compare` sets the families side by side without a fit: the looping penalty (loss minus the r = 1 run of the
+same family, width and budget), which needs no law and so says something even where the fit cannot.
 """
 from __future__ import annotations
 
@@ -120,15 +123,87 @@ def _run_one(args: tuple[dict[str, Any], int]) -> str:
     return f"{label}: {s['tokens']:,} tokens, val loss {s['val']['loss']:.4f} ({s['wall_s']:.0f}s)"
 
 
+def _record_files(paths: Sequence[str]) -> list[Path]:
+    files = [f for p in map(Path, paths) for f in (sorted(p.rglob("*.json")) if p.is_dir() else [p])]
+    if not files:
+        raise UserError("no run records found; pass reports/scaling/<family> or JSON files")
+    return files
+
+
+def compare(paths: Sequence[str], out_dir: str) -> str:
+    """Looping penalty per family (records' `family`), paired by (budget, width, r); writes compare.md + a PNG."""
+    from hyperloop_lm.experiments import scaling_fit as sf
+
+    by_family: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+    for f in _record_files(paths):
+        rec = json.loads(f.read_text())
+        by_family.setdefault(rec.get("family", "?"), []).append((rec, sf.observation_from_record(rec, str(f))))
+    penalty: dict[str, dict[tuple[float, int, float], float]] = {}  # family -> (budget, width, r) -> penalty
+    for family, pairs in by_family.items():
+        width = {(o.budget, o.n_once, o.tokens): rec["width"] for rec, o in pairs}
+        penalty[family] = {(row["budget"], width[row["budget"], row["n_once"], row["tokens"]], r): v
+                           for row in sf.looping_penalty([o for _, o in pairs]) for r, v in row["penalty"].items()}
+    families = sorted(penalty, key=lambda fam: (fam != "looped", fam))
+    keys = sorted({k for pen in penalty.values() for k in pen})
+    if not keys:
+        raise UserError("no width/budget group has an r = 1 run to compare against")
+    diff = len(families) == 2
+    head = "| budget | width | r | " + " | ".join(families) + (f" | {families[1]} - {families[0]} |" if diff else " |")
+    lines = [head, "|---" * (3 + len(families) + diff) + "|"]
+
+    def cell(fam, k):
+        return f"{penalty[fam][k]:+.4f}" if k in penalty[fam] else "-"
+
+    for k in keys:
+        d = f" | {penalty[families[1]][k] - penalty[families[0]][k]:+.4f}" if diff and all(k in penalty[f] for f in families) else (" | -" if diff else "")
+        lines.append(f"| {k[0]:.0e} | {k[1]} | {k[2]:g} | " + " | ".join(cell(f, k) for f in families) + d + " |")
+    paired = [k for k in keys if all(k in penalty[f] for f in families)]  # means over the same groups
+    for r in sorted({k[2] for k in paired}):
+        means = [sum(penalty[f][k] for k in paired if k[2] == r) / sum(k[2] == r for k in paired) for f in families]
+        d = f" | {means[1] - means[0]:+.4f}" if diff else ""
+        lines.append(f"| mean of {sum(k[2] == r for k in paired)} | | {r:g} | " + " | ".join(f"{m:+.4f}" for m in means)
+                     + d + " |")
+    table = "\n".join(lines)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _plot_penalty(penalty, families, out / "looping_penalty.png")
+    command = f"hyperloop-lm scaling compare {' '.join(map(str, paths))} --out {out_dir}"
+    atomic_write_text(out / "compare.md", f"Command: `{command}`\n\nLooping penalty: validation loss minus the "
+                      "r = 1 run of the same family, width and budget (same FLOPs and tokens; positive = looping "
+                      f"costs loss).\n\n{table}\n\n![looping penalty](looping_penalty.png)\n")
+    return table
+
+
+def _plot_penalty(penalty: dict[str, dict[tuple[float, int, float], float]], families: list[str], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from hyperloop_lm.utils import atomic_path
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for i, fam in enumerate(families):
+        color = f"C{i}"
+        groups = sorted({k[:2] for k in penalty[fam]})
+        for g in groups:  # one thin line per width and budget, r = 1 at 0
+            rs = sorted(k[2] for k in penalty[fam] if k[:2] == g)
+            ax.plot([1, *rs], [0, *(penalty[fam][(*g, r)] for r in rs)], color=color, alpha=0.25, lw=0.8)
+        rs = sorted({k[2] for k in penalty[fam]})
+        means = [sum(v for k, v in penalty[fam].items() if k[2] == r) / sum(k[2] == r for k in penalty[fam]) for r in rs]
+        ax.plot([1, *rs], [0, *means], color=color, lw=2.2, marker="o", label=f"{fam} (mean of {len(groups)})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("recurrences r (iso-depth: fewer unique layers, same FLOPs)")
+    ax.set_ylabel("loss - loss(r = 1)")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.legend()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
 def fit(paths: Sequence[str], out_dir: str, n_starts: int = 500, n_resamples: int = 200) -> str:
     """The paper's fit + block bootstrap + per-architecture Chinchilla fits; writes JSON + PNGs, returns markdown."""
     from hyperloop_lm.experiments import scaling_fit as sf
 
-    files = [Path(p) for p in paths]
-    files = [f for p in files for f in (sorted(p.rglob("*.json")) if p.is_dir() else [p])]
-    if not files:
-        raise UserError("no run records found; pass reports/scaling/<family> or JSON files")
-    obs = sf.load_summaries(files)
+    obs = sf.load_summaries(_record_files(paths))
     result = sf.fit_iso_depth(obs, n_starts=n_starts)
     boot = sf.bootstrap_phi(obs, n_resamples=n_resamples, fit=result)
     # a per-architecture Chinchilla fit has 5 parameters: architectures with fewer runs (a sweep still under
