@@ -140,8 +140,8 @@ def compare(paths: Sequence[str], out_dir: str) -> str:
         by_family.setdefault(rec.get("family", "?"), []).append((rec, sf.observation_from_record(rec, str(f))))
     penalty: dict[str, dict[tuple[float, int, float], float]] = {}  # family -> (budget, width, r) -> penalty
     for family, pairs in by_family.items():
-        width = {(o.budget, o.n_once, o.tokens): rec["width"] for rec, o in pairs}
-        penalty[family] = {(row["budget"], width[row["budget"], row["n_once"], row["tokens"]], r): v
+        width = {(o.budget, o.n_once): rec["width"] for rec, o in pairs}
+        penalty[family] = {(row["budget"], width[row["budget"], row["n_once"]], r): v
                            for row in sf.looping_penalty([o for _, o in pairs]) for r, v in row["penalty"].items()}
     families = sorted(penalty, key=lambda fam: (fam != "looped", fam))
     keys = sorted({k for pen in penalty.values() for k in pen})

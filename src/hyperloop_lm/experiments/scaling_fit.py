@@ -537,21 +537,23 @@ def load_csv(path: str | os.PathLike) -> list[Observation]:
 def looping_penalty(obs: Sequence[Observation]) -> list[dict[str, Any]]:
     """Loss of each looped run minus the non-looped (r = 1) run of the same width and budget.
 
-    At iso-depth every r of one width costs the same FLOPs and sees the same tokens, so the data
-    term of the law cancels and the difference is the price of sharing the middle's weights, with
-    no fitted parameter involved (a smaller penalty at the same r means a larger phi). Runs are
-    grouped by (budget, N_once, tokens), i.e. by width at a budget; groups without an r = 1 run are
-    left out. One row per group: budget, n_once, tokens, base_loss, and {r: penalty} in `penalty`.
+    At iso-depth every r of one width costs the same FLOPs and sees (nearly) the same tokens, so the data
+    term of the law cancels and the difference is the price of sharing the middle's weights, with no
+    fitted parameter involved (a smaller penalty at the same r means a larger phi). Runs are grouped by
+    (budget, N_once), i.e. by width at a budget (not by tokens: Hyperloop's per-loop sites add a little
+    compute per loop, so its more-looped runs get ~1% fewer tokens at a budget); groups without an r = 1
+    run are left out. One row per group: budget, n_once, tokens (of the r = 1 run), base_loss, and
+    {r: penalty} in `penalty`.
     """
-    groups: dict[tuple[Any, float, float], dict[float, float]] = {}
+    groups: dict[tuple[Any, float], dict[float, Observation]] = {}
     for o in obs:
-        groups.setdefault((o.budget, o.n_once, o.tokens), {})[o.r] = o.loss
+        groups.setdefault((o.budget, o.n_once), {})[o.r] = o
     rows = []
-    for (budget, n_once, tokens), by_r in sorted(groups.items(), key=lambda kv: (_budget_order(kv[0][0]), kv[0][1:])):
+    for (budget, n_once), by_r in sorted(groups.items(), key=lambda kv: (_budget_order(kv[0][0]), kv[0][1])):
         if 1.0 in by_r:
             base = by_r[1.0]
-            rows.append({"budget": budget, "n_once": n_once, "tokens": tokens, "base_loss": base,
-                         "penalty": {r: loss - base for r, loss in sorted(by_r.items()) if r != 1.0}})
+            rows.append({"budget": budget, "n_once": n_once, "tokens": base.tokens, "base_loss": base.loss,
+                         "penalty": {r: o.loss - base.loss for r, o in sorted(by_r.items()) if r != 1.0}})
     return rows
 
 
