@@ -267,7 +267,8 @@ def test_compare_pairs_the_families_penalties_by_budget_width_and_r(tmp_path):
                    "arch": o.arch}
             (tmp_path / family / f"run{i}.json").write_text(json.dumps(rec))
     table = compare([str(tmp_path / "looped"), str(tmp_path / "hyperloop")], str(tmp_path / "out"))
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    first, by_budget = table.split("\n\n", 1)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in first.splitlines()[2:]]
     per_group = [r for r in rows if not r[0].startswith("mean")]
     assert len(per_group) == 2 * 2 * 3  # budgets x widths x (r = 2, 4, 8)
     for r in per_group:  # the family with the higher phi loses less to looping, everywhere
@@ -277,6 +278,12 @@ def test_compare_pairs_the_families_penalties_by_budget_width_and_r(tmp_path):
     for m in means:
         group = [float(r[5]) for r in per_group if r[2] == m[2]]
         assert float(m[5]) == pytest.approx(sum(group) / 4, abs=2e-4)
+    # per budget, averaged over widths: the two budgets' rows average to the overall mean
+    budget_rows = [[c.strip() for c in line.strip("|").split("|")] for line in by_budget.splitlines()[4:]]
+    assert [float(r[0]) for r in budget_rows] == sorted({o.budget for o in synthetic(n_budgets=2)})
+    assert all(float(r[-1]) < 0 for r in budget_rows)  # hyperloop (phi 0.8) loses less than looped (0.4)
+    for j, m in enumerate(means):
+        assert float(m[5]) == pytest.approx(sum(float(r[1 + j]) for r in budget_rows) / 2, abs=2e-4)
     md = (tmp_path / "out" / "compare.md").read_text()
     assert md.startswith("Command: `hyperloop-lm scaling compare") and table in md
     assert (tmp_path / "out" / "looping_penalty.png").read_bytes()[:4] == b"\x89PNG"

@@ -131,42 +131,60 @@ def _record_files(paths: Sequence[str]) -> list[Path]:
 
 
 def compare(paths: Sequence[str], out_dir: str) -> str:
-    """Looping penalty per family (records' `family`), paired by (budget, width, r); writes compare.md + a PNG."""
+    """Looping penalty per family (records' `family`), paired by (budget, width, r); writes compare.md + a PNG.
+
+    With two families, a second table gives their difference averaged over widths, per budget and r: the
+    comparison's direction can change as the runs get more tokens, and a single mean would hide it."""
     from hyperloop_lm.experiments import scaling_fit as sf
 
     by_family: dict[str, list[tuple[dict[str, Any], Any]]] = {}
     for f in _record_files(paths):
         rec = json.loads(f.read_text())
         by_family.setdefault(rec.get("family", "?"), []).append((rec, sf.observation_from_record(rec, str(f))))
-    penalty: dict[str, dict[tuple[float, int, float], float]] = {}  # family -> (budget, width, r) -> penalty
+    penalty: dict[str, dict[tuple[Any, int, float], float]] = {}  # family -> (budget, width, r) -> penalty
     for family, pairs in by_family.items():
         width = {(o.budget, o.n_once): rec["width"] for rec, o in pairs}
         penalty[family] = {(row["budget"], width[row["budget"], row["n_once"]], r): v
                            for row in sf.looping_penalty([o for _, o in pairs]) for r, v in row["penalty"].items()}
     families = sorted(penalty, key=lambda fam: (fam != "looped", fam))
-    keys = sorted({k for pen in penalty.values() for k in pen})
+    keys = sorted({k for pen in penalty.values() for k in pen}, key=lambda k: (sf.budget_order(k[0]), k[1:]))
     if not keys:
         raise UserError("no width/budget group has an r = 1 run to compare against")
-    diff = len(families) == 2
-    head = "| budget | width | r | " + " | ".join(families) + (f" | {families[1]} - {families[0]} |" if diff else " |")
-    lines = [head, "|---" * (3 + len(families) + diff) + "|"]
+    pair = families if len(families) == 2 else None
+    dname = f"{pair[1]} - {pair[0]}" if pair else ""
 
-    def cell(fam, k):
-        return f"{penalty[fam][k]:+.4f}" if k in penalty[fam] else "-"
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:+.4f}"
 
+    def delta(k) -> float | None:
+        return penalty[pair[1]][k] - penalty[pair[0]][k] if pair and all(k in penalty[f] for f in pair) else None
+
+    lines = ["| budget | width | r | " + " | ".join(families) + (f" | {dname} |" if pair else " |"),
+             "|---" * (3 + len(families) + bool(pair)) + "|"]
     for k in keys:
-        d = f" | {penalty[families[1]][k] - penalty[families[0]][k]:+.4f}" if diff and all(k in penalty[f] for f in families) else (" | -" if diff else "")
-        lines.append(f"| {k[0]:.0e} | {k[1]} | {k[2]:g} | " + " | ".join(cell(f, k) for f in families) + d + " |")
-    paired = [k for k in keys if all(k in penalty[f] for f in families)]  # means over the same groups
-    for r in sorted({k[2] for k in paired}):
-        means = [sum(penalty[f][k] for k in paired if k[2] == r) / sum(k[2] == r for k in paired) for f in families]
-        d = f" | {means[1] - means[0]:+.4f}" if diff else ""
-        lines.append(f"| mean of {sum(k[2] == r for k in paired)} | | {r:g} | " + " | ".join(f"{m:+.4f}" for m in means)
-                     + d + " |")
-    table = "\n".join(lines)
+        lines.append(f"| {k[0]:.0e} | {k[1]} | {k[2]:g} | " + " | ".join(fmt(penalty[f].get(k)) for f in families)
+                     + (f" | {fmt(delta(k))} |" if pair else " |"))
+    rs = sorted({k[2] for k in keys})
+    for r in rs:  # mean over the groups every family has
+        ks = [k for k in keys if k[2] == r and all(k in penalty[f] for f in families)]
+        if ks:
+            means = [sum(penalty[f][k] for k in ks) / len(ks) for f in families]
+            lines.append(f"| mean of {len(ks)} | | {r:g} | " + " | ".join(map(fmt, means))
+                         + (f" | {fmt(means[1] - means[0])} |" if pair else " |"))
+    tables = ["\n".join(lines)]
+    if pair:  # the difference per budget, averaged over widths
+        budgets = sorted({k[0] for k in keys}, key=sf.budget_order)
+        rows = [f"| budget | " + " | ".join(f"r={r:g}" for r in rs) + " | all r |", "|---" * (len(rs) + 2) + "|"]
+        for b in budgets:
+            cells = [[d for k in keys if k[0] == b and k[2] == r and (d := delta(k)) is not None] for r in rs]
+            flat = [d for c in cells for d in c]
+            rows.append(f"| {b:.0e} | " + " | ".join(fmt(sum(c) / len(c) if c else None) for c in cells)
+                        + f" | {fmt(sum(flat) / len(flat) if flat else None)} |")
+        tables.append(f"{dname}, mean over widths (negative = {pair[1]} loses less to looping):\n\n" + "\n".join(rows))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _plot_penalty(penalty, families, out / "looping_penalty.png")
+    table = "\n\n".join(tables)
     command = f"hyperloop-lm scaling compare {' '.join(map(str, paths))} --out {out_dir}"
     atomic_write_text(out / "compare.md", f"Command: `{command}`\n\nLooping penalty: validation loss minus the "
                       "r = 1 run of the same family, width and budget (same FLOPs and tokens; positive = looping "
@@ -174,27 +192,33 @@ def compare(paths: Sequence[str], out_dir: str) -> str:
     return table
 
 
-def _plot_penalty(penalty: dict[str, dict[tuple[float, int, float], float]], families: list[str], path: Path) -> None:
+def _plot_penalty(penalty: dict[str, dict[tuple[Any, int, float], float]], families: list[str], path: Path) -> None:
+    """One panel per budget: each family's penalty vs r, a thin line per width and the mean over widths."""
     from matplotlib.figure import Figure
 
+    from hyperloop_lm.experiments.scaling_fit import budget_order
     from hyperloop_lm.utils import atomic_path
 
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for i, fam in enumerate(families):
-        color = f"C{i}"
-        groups = sorted({k[:2] for k in penalty[fam]})
-        for g in groups:  # one thin line per width and budget, r = 1 at 0
-            rs = sorted(k[2] for k in penalty[fam] if k[:2] == g)
-            ax.plot([1, *rs], [0, *(penalty[fam][(*g, r)] for r in rs)], color=color, alpha=0.25, lw=0.8)
-        rs = sorted({k[2] for k in penalty[fam]})
-        means = [sum(v for k, v in penalty[fam].items() if k[2] == r) / sum(k[2] == r for k in penalty[fam]) for r in rs]
-        ax.plot([1, *rs], [0, *means], color=color, lw=2.2, marker="o", label=f"{fam} (mean of {len(groups)})")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("recurrences r (iso-depth: fewer unique layers, same FLOPs)")
-    ax.set_ylabel("loss - loss(r = 1)")
-    ax.axhline(0, color="k", lw=0.6)
-    ax.legend()
+    budgets = sorted({k[0] for pen in penalty.values() for k in pen}, key=budget_order)
+    fig = Figure(figsize=(3.6 * len(budgets), 3.6))
+    axes = fig.subplots(1, len(budgets), sharey=True, squeeze=False)[0]
+    for ax, b in zip(axes, budgets):
+        for i, fam in enumerate(families):
+            pen = {k[1:]: v for k, v in penalty[fam].items() if k[0] == b}  # (width, r) -> penalty
+            widths = sorted({w for w, _ in pen})
+            for w in widths:
+                rs = sorted(r for ww, r in pen if ww == w)
+                ax.plot([1, *rs], [0, *(pen[w, r] for r in rs)], color=f"C{i}", alpha=0.35, lw=0.8)
+            rs = sorted({r for _, r in pen})
+            means = [sum(v for (_, r2), v in pen.items() if r2 == r) / sum(r2 == r for _, r2 in pen) for r in rs]
+            ax.plot([1, *rs], [0, *means], color=f"C{i}", lw=2.2, marker="o",
+                    label=f"{fam} (mean of {len(widths)} widths)")
+        ax.set_title(f"budget {b:.0e} FLOPs" if isinstance(b, float) else f"budget {b}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("recurrences r (same FLOPs)")
+        ax.axhline(0, color="k", lw=0.6)
+    axes[0].set_ylabel("loss - loss(r = 1)")
+    axes[0].legend(fontsize=8)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 

@@ -62,6 +62,7 @@ __all__ = [
     "plot_fitted_vs_observed",
     "plot_loss_vs_neff",
     "looping_penalty",
+    "budget_order",
     "report",
 ]
 
@@ -549,7 +550,7 @@ def looping_penalty(obs: Sequence[Observation]) -> list[dict[str, Any]]:
     for o in obs:
         groups.setdefault((o.budget, o.n_once), {})[o.r] = o
     rows = []
-    for (budget, n_once), by_r in sorted(groups.items(), key=lambda kv: (_budget_order(kv[0][0]), kv[0][1])):
+    for (budget, n_once), by_r in sorted(groups.items(), key=lambda kv: (budget_order(kv[0][0]), kv[0][1])):
         if 1.0 in by_r:
             base = by_r[1.0]
             rows.append({"budget": budget, "n_once": n_once, "tokens": base.tokens, "base_loss": base.loss,
@@ -557,7 +558,7 @@ def looping_penalty(obs: Sequence[Observation]) -> list[dict[str, Any]]:
     return rows
 
 
-def _budget_order(budget: Any) -> tuple[bool, Any]:
+def budget_order(budget: Any) -> tuple[bool, Any]:
     """Numbers first, in numeric order, then text labels."""
     return (isinstance(budget, str), budget)
 
@@ -631,7 +632,7 @@ def plot_loss_vs_neff(obs: Sequence[Observation], fit: FitResult,
     observed = np.array([o.loss for o in obs])
     fitted = observed / np.exp(fit.residuals)
     colors = _r_colors(obs)
-    budgets = sorted({o.budget for o in obs}, key=_budget_order)
+    budgets = sorted({o.budget for o in obs}, key=budget_order)
     markers = {b: _MARKERS[i % len(_MARKERS)] for i, b in enumerate(budgets)}
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
