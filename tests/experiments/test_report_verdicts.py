@@ -19,18 +19,28 @@ def test_table1_verdicts_use_the_paired_interval():
     assert "**disagrees**" in line(out, "- ppl, transformer vs looped")
 
 
-def test_ablation_verdicts_one_seed_direction_and_noise():
+def test_ablation_verdicts_use_the_pooled_seed_spread():
     cm = {"hyperloop": cell([100.0, 101.0]), "looped": cell([90.0, 90.0]), "streams2": cell([100.5]), "hres_identity": cell([110.0]),
           "hc_every6": cell([95.0]), "middle1x6": cell([101.0])}
     out = ablation_verdicts(cm)
+    # pooled over hyperloop and looped: std 0.5 per run, 2 degrees of freedom (t = 4.30)
+    assert "std 0.50 ppl per run, 2 degrees of freedom" in out[0]
     # paper +0.03: within the paper's own noise, nothing to check
     assert "no direction to check" in line(out, "- streams2")
-    # paper +0.21, ours +10; pooled seed std 0.5 (df 2), so a difference has noise 0.71: beyond it, same direction
-    assert "same direction" in line(out, "- hres_identity") and "beyond" in line(out, "- hres_identity")
-    assert "**opposite direction**" in line(out, "- hc_every6")  # paper +0.23, ours -5
-    assert "inconclusive" in line(out, "- middle1x6")  # +1 is within 2 x 0.71
+    # paper +0.21; ours 110 - 100.5 = +9.5 +- 4.30 * 0.5 * sqrt(1 + 1/2) = [+6.87, +12.13]: a one-seed cell gets an interval
+    assert "+9.50 [+6.87, +12.13]" in line(out, "- hres_identity") and "**agrees**" in line(out, "- hres_identity")
+    assert "**disagrees**" in line(out, "- hc_every6")  # paper +0.23, ours -5.5 [-8.1, -2.9]
+    assert "inconclusive" in line(out, "- middle1x6")  # +0.5, within the interval
     assert not [l for l in out if l.startswith("- looped_lora")]  # cells not run: no line
-    assert "**disagrees**" in line(out, "- looped")  # two seeds: the interval decides
+    # two seeds each: -10.5 +- 4.30 * 0.5 * 1 = [-12.65, -8.35]; its own paired interval (df 1) would include 0
+    assert "-10.50 [-12.65, -8.35]" in line(out, "- looped") and "**disagrees**" in line(out, "- looped")
+
+
+def test_ablation_verdicts_without_any_multi_seed_cell_give_directions_only():
+    out = ablation_verdicts({"hyperloop": cell([100.0]), "hc_every6": cell([95.0]), "middle1x6": cell([101.0])})
+    assert "directions only" in out[0]
+    assert "**opposite direction** (one seed, no interval)" in line(out, "- hc_every6")
+    assert "same direction (one seed, no interval)" in line(out, "- middle1x6")
 
 
 def test_recipe_verdicts():

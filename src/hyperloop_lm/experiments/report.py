@@ -58,11 +58,32 @@ def paired_diff(a: list[dict], b: list[dict], key=lambda r: r["val"]["ppl"]) -> 
     return m, m - h, m + h, len(d)
 
 
+def pooled_spread(cellmap: dict[str, list[dict]]) -> tuple[float, int] | None:
+    """The seed std of one run, pooled over every cell with two or more seeds (one variance for a suite whose
+    cells are the same size of model on the same data), and its degrees of freedom; None without such cells."""
+    multi = [ppls(rs) for rs in cellmap.values() if len(rs) > 1]
+    dof = sum(len(x) - 1 for x in multi)
+    if not dof:
+        return None
+    return math.sqrt(sum(statistics.variance(x) * (len(x) - 1) for x in multi) / dof), dof
+
+
+def pooled_diff(a: list[dict], b: list[dict], spread: tuple[float, int]) -> tuple[float, float, float, int]:
+    """mean(a) - mean(b) with a 95% t-interval from the pooled seed spread: with two seeds a cell's own paired
+    interval has 1 degree of freedom (t = 12.7) and says nothing; the suite's pooled spread has one per cell."""
+    from scipy import stats
+
+    s, dof = spread
+    m = statistics.mean(ppls(a)) - statistics.mean(ppls(b))
+    h = stats.t.ppf(0.975, dof) * s * math.sqrt(1 / len(a) + 1 / len(b))
+    return m, m - h, m + h, min(len(a), len(b))
+
+
 def fmt_diff(d) -> str:
     if d is None:
         return "-"
-    m, lo, hi, n = d
-    return f"{m:+.2f}" if n < 2 else f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+    m, lo, hi, _ = d
+    return f"{m:+.2f}" if math.isnan(lo) else f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
 def ppls(rs: list[dict]) -> list[float]:
@@ -145,22 +166,17 @@ def section_table1(scale: str, cellmap: dict[str, list[dict]], img: Path) -> lis
     return lines + section_zeroshot(cellmap, [*fams, "random_init"])
 
 
-def judge(d: tuple[float, float, float, int], paper: float, noise: float | None = None) -> str:
-    """Our paired difference d = (mean, lo, hi, seeds) against the sign of the paper's difference. With two or
-    more seeds the 95% interval decides; with one, only the direction, set against `noise` (the seed noise of a
-    difference of two runs) when it is known."""
-    m, lo, hi, n = d
+def judge(d: tuple[float, float, float, int], paper: float) -> str:
+    """Our difference d = (mean, lo, hi, seeds) against the sign of the paper's difference: the 95% interval
+    decides; without one (a single seed and no pooled spread), only the direction is reported."""
+    m, lo, hi, _ = d
     same = (m > 0) == (paper > 0)
-    if n >= 2:
+    if not math.isnan(lo):
         if lo <= 0 <= hi:
             return "inconclusive: the interval includes 0"
         return "**agrees** (the interval excludes 0)" if same else \
             "**disagrees**: the opposite order, the interval excludes 0"
-    if noise is not None and abs(m) < 2 * noise:
-        return f"inconclusive: within 2x the seed noise of a difference ({noise:.2f}); needs more seeds"
-    return ("same direction" if same else "**opposite direction**") + \
-        (f" (one seed; beyond 2x the seed noise of a difference, {noise:.2f})" if noise is not None else
-         " (one seed, no interval)")
+    return ("same direction" if same else "**opposite direction**") + " (one seed, no interval)"
 
 
 # The paper's Table 1 orderings we check (a, b): a has lower perplexity than b at 240M.
@@ -214,26 +230,26 @@ PAPER_NOISE = 0.1  # ppl: the spec: "differences of ~0.1 ppl are within noise" (
 
 
 def ablation_verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
-    """One line per ablation the paper also ran: the direction of its difference to the reference vs ours.
-
-    With one seed there is no interval; the noise yardstick is then the suite's seed spread: the std over
-    seeds pooled across every cell with two or more seeds, times sqrt(2) for a difference of two runs."""
+    """One line per ablation the paper also ran: the direction of its difference to the reference vs ours,
+    with the interval from the suite's pooled seed spread (see pooled_diff)."""
     out = []
-    multi = [ppls(rs) for rs in cellmap.values() if len(rs) > 1]
-    dof = sum(len(x) - 1 for x in multi)
-    noise = math.sqrt(2 * sum(statistics.variance(x) * (len(x) - 1) for x in multi) / dof) if dof else None
+    spread = pooled_spread(cellmap)
     for name, (paper_ppl, what, ref) in PAPER_ABLATIONS.items():
         if ref is None or name not in cellmap or ref not in cellmap:
             continue
-        d = paired_diff(cellmap[name], cellmap[ref])
+        d = pooled_diff(cellmap[name], cellmap[ref], spread) if spread else paired_diff(cellmap[name], cellmap[ref])
         if d is None:
             continue
         paper = paper_ppl - PAPER_ABLATIONS[ref][0]
-        verdict = judge(d, paper, noise) if abs(paper) > PAPER_NOISE + 1e-9 else \
+        verdict = judge(d, paper) if abs(paper) > PAPER_NOISE + 1e-9 else \
             f"the paper's difference is within its one-seed noise (~{PAPER_NOISE}), so no direction to check"
         out.append(f"- {name} ({what}) vs {ref}: paper {paper:+.2f}; ours {fmt_diff(d)}: {verdict}")
-    return (["Against the paper's ablations (difference to the reference cell; positive = worse than it):", "",
-             *out, ""] if out else [])
+    if not out:
+        return []
+    basis = (f"95% intervals from the seed spread pooled over the suite's cells (std {spread[0]:.2f} ppl per run, "
+             f"{spread[1]} degrees of freedom)" if spread else "one seed per cell: directions only")
+    return [f"Against the paper's ablations (difference to the reference cell; positive = worse than it; {basis}):",
+            "", *out, ""]
 
 
 def recipe_verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
@@ -302,8 +318,9 @@ def section_zeroshot(cellmap: dict[str, list[dict]], names: list[str]) -> list[s
 
 
 def section_cells(suite: str, scale: str, cellmap: dict[str, list[dict]], ref_cell: str,
-                  ref_of=None, ref_label: str = "the family AdamW run") -> list[str]:
-    """ref_of(name, results) -> the reference cell's name for that row (default: ref_cell for all)."""
+                  ref_of=None, ref_label: str = "the family AdamW run", diff=paired_diff) -> list[str]:
+    """ref_of(name, results) -> the reference cell's name for that row (default: ref_cell for all);
+    diff(results, reference results) -> the difference column (default: paired by seed)."""
     rows = []
     for name, rs in cellmap.items():
         ref_name = ref_of(name, rs) if ref_of else ref_cell
@@ -312,7 +329,7 @@ def section_cells(suite: str, scale: str, cellmap: dict[str, list[dict]], ref_ce
         sched = f"{m['n_begin']}-{m['n_middle']}x{m['loops']}-{m['n_end']}" if m["n_middle"] else f"{m['n_begin']}L"
         opt = rs[0].get("optimizer_state_bytes")
         rows.append([name, rs[0]["family"], sched, fmt_count(rs[0]["unique_params"]), mean_std(ppls(rs)),
-                     fmt_diff(paired_diff(rs, ref)) if name != ref_name else "ref",
+                     fmt_diff(diff(rs, ref) if ref else None) if name != ref_name else "ref",
                      f"{statistics.mean(r['train_tok_s'] for r in rs):.0f}", fmt_bytes(opt) if opt else "-", len(rs)])
     return [markdown_table(["cell", "family", "schedule", "unique params", "val ppl",
                             f"diff vs {ref_label if ref_of else ref_cell} [95% CI]",
@@ -431,7 +448,10 @@ def render_report(results_root: Path = Path("reports/reproduce"), docs: Path = P
             out += section_cells(suite, scale, cellmap, "", ref_of=lambda n, rs: f"{rs[0]['family']}_pytorch_lr4e-4",
                                  ref_label="the family's PyTorch-init run") + recipe_verdicts(cellmap)
         elif suite == "ablations":
-            out += section_cells(suite, scale, cellmap, "hyperloop") + ablation_verdicts(cellmap)
+            spread = pooled_spread(cellmap)
+            out += section_cells(suite, scale, cellmap, "hyperloop",
+                                 diff=(lambda a, b: pooled_diff(a, b, spread)) if spread else paired_diff)
+            out += ablation_verdicts(cellmap)
         else:
             out += section_cells(suite, scale, cellmap, next(iter(cellmap)))
         if suite in ("table1", "analysis"):
