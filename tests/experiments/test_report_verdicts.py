@@ -33,7 +33,10 @@ def test_ablation_verdicts_use_the_pooled_seed_spread():
     assert "inconclusive" in line(out, "- middle1x6")  # +0.5, within the interval
     assert not [l for l in out if l.startswith("- looped_lora")]  # cells not run: no line
     # two seeds each: -10.5 +- 4.30 * 0.5 * 1 = [-12.65, -8.35]; its own paired interval (df 1) would include 0
-    assert "-10.50 [-12.65, -8.35]" in line(out, "- looped") and "**disagrees**" in line(out, "- looped")
+    assert "-10.50 [-12.65, -8.35]" in line(out, "- looped (") and "**disagrees**" in line(out, "- looped (")
+    # the referee's uniform-looping question: an interval (the new cell joins the pooled spread: df 3), no verdict
+    out = ablation_verdicts({**cm, "uniform_looped": cell([95.0, 95.0])})
+    assert "+5.00 [+3.70, +6.30]" in line(out, "- uniform_looped") and "agrees" not in line(out, "- uniform_looped")
 
 
 def test_ablation_verdicts_without_any_multi_seed_cell_give_directions_only():

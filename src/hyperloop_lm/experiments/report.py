@@ -244,6 +244,12 @@ def ablation_verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
         verdict = judge(d, paper) if abs(paper) > PAPER_NOISE + 1e-9 else \
             f"the paper's difference is within its one-seed noise (~{PAPER_NOISE}), so no direction to check"
         out.append(f"- {name} ({what}) vs {ref}: paper {paper:+.2f}; ours {fmt_diff(d)}: {verdict}")
+    # the referee's missing ablation (no paper number): begin/middle/end vs uniform looping at equal depth and params
+    for name, ref in (("uniform_hyperloop", "hyperloop"), ("uniform_looped", "looped")):
+        if name in cellmap and ref in cellmap:
+            d = pooled_diff(cellmap[name], cellmap[ref], spread) if spread else paired_diff(cellmap[name], cellmap[ref])
+            out.append(f"- {name} (uniform looping of the whole stack, no begin/end) vs {ref} (begin/middle/end): "
+                       f"ours {fmt_diff(d)} (the referee's question; the paper has no number)")
     if not out:
         return []
     basis = (f"95% intervals from the seed spread pooled over the suite's cells (std {spread[0]:.2f} ppl per run, "
