@@ -79,6 +79,11 @@ def pooled_diff(a: list[dict], b: list[dict], spread: tuple[float, int]) -> tupl
     return m, m - h, m + h, min(len(a), len(b))
 
 
+def suite_diff(spread: tuple[float, int] | None):
+    """The difference a suite's cells are compared by: pooled_diff with a pooled spread, else paired_diff."""
+    return (lambda a, b: pooled_diff(a, b, spread)) if spread else paired_diff
+
+
 def fmt_diff(d) -> str:
     if d is None:
         return "-"
@@ -234,10 +239,11 @@ def ablation_verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
     with the interval from the suite's pooled seed spread (see pooled_diff)."""
     out = []
     spread = pooled_spread(cellmap)
+    diff = suite_diff(spread)
     for name, (paper_ppl, what, ref) in PAPER_ABLATIONS.items():
         if ref is None or name not in cellmap or ref not in cellmap:
             continue
-        d = pooled_diff(cellmap[name], cellmap[ref], spread) if spread else paired_diff(cellmap[name], cellmap[ref])
+        d = diff(cellmap[name], cellmap[ref])
         if d is None:
             continue
         paper = paper_ppl - PAPER_ABLATIONS[ref][0]
@@ -247,7 +253,7 @@ def ablation_verdicts(cellmap: dict[str, list[dict]]) -> list[str]:
     # the referee's missing ablation (no paper number): begin/middle/end vs uniform looping at equal depth and params
     for name, ref in (("uniform_hyperloop", "hyperloop"), ("uniform_looped", "looped")):
         if name in cellmap and ref in cellmap:
-            d = pooled_diff(cellmap[name], cellmap[ref], spread) if spread else paired_diff(cellmap[name], cellmap[ref])
+            d = diff(cellmap[name], cellmap[ref])
             out.append(f"- {name} (uniform looping of the whole stack, no begin/end) vs {ref} (begin/middle/end): "
                        f"ours {fmt_diff(d)} (the referee's question; the paper has no number)")
     if not out:
@@ -455,9 +461,7 @@ def render_report(results_root: Path = Path("reports/reproduce"), docs: Path = P
             out += section_cells(suite, scale, cellmap, "", ref_of=lambda n, rs: f"{rs[0]['family']}_pytorch_lr4e-4",
                                  ref_label="the family's PyTorch-init run") + recipe_verdicts(cellmap)
         elif suite == "ablations":
-            spread = pooled_spread(cellmap)
-            out += section_cells(suite, scale, cellmap, "hyperloop",
-                                 diff=(lambda a, b: pooled_diff(a, b, spread)) if spread else paired_diff)
+            out += section_cells(suite, scale, cellmap, "hyperloop", diff=suite_diff(pooled_spread(cellmap)))
             out += ablation_verdicts(cellmap)
         else:
             out += section_cells(suite, scale, cellmap, next(iter(cellmap)))

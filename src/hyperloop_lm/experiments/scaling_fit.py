@@ -669,13 +669,14 @@ def report(obs: Sequence[Observation], fit: FitResult, out_dir: str | os.PathLik
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    penalty = looping_penalty(obs)
     payload = {
         "law": "L = E + A * (N_once + r^phi * N_rec)^(-alpha) + B * D^(-beta)",
         "fit": fit.to_dict(),
         "bootstrap": boot.to_dict() if boot is not None else None,
         "chinchilla": {k: v.to_dict() for k, v in (chinchilla or {}).items()},
         "looping_penalty": [{**row, "penalty": {f"{r:g}": v for r, v in row["penalty"].items()}}
-                            for row in looping_penalty(obs)],
+                            for row in penalty],
         "observations": [{**asdict(o), "cell": list(o.cell)} for o in obs],
     }
     atomic_write_text(out_dir / "scaling_fit.json", json.dumps(payload, indent=1) + "\n")
@@ -705,7 +706,6 @@ def report(obs: Sequence[Observation], fit: FitResult, out_dir: str | os.PathLik
                 if min(abs(fit.theta[THETA_NAMES.index(name)] - edge) for edge in BOX[name]) < 1e-6]
     if at_bound:
         notes.append(f"The joint fit has {', '.join(at_bound)} on the box edge.")
-    penalty = looping_penalty(obs)
     if penalty:
         notes.append("Looping penalty (model-free): validation loss minus the r = 1 run of the same "
                      "width and budget (same FLOPs, same tokens; positive = the looped model is worse):\n\n"
