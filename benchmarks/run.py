@@ -1,6 +1,9 @@
 """`make bench`: run every benchmark, write reports/bench/<name>.json and reports/bench/summary.md.
 
-    python -m benchmarks.run [--quick] [--only train_step,decode]
+    python -m benchmarks.run [--quick] [--only train_step,decode] [--default-allocator --out DIR]
+
+Like `hyperloop-lm train`, the run keeps freed memory in the process (hyperloop_lm.utils.keep_freed_memory);
+`--default-allocator` measures with glibc's defaults instead (write it elsewhere with --out to compare).
 """
 from __future__ import annotations
 
@@ -12,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-from hyperloop_lm.utils import atomic_write_text
+from hyperloop_lm.utils import atomic_write_text, keep_freed_memory
 
 BENCHMARKS = {"train_step": "benchmarks.bench_train", "train_step_compiled": "benchmarks.bench_train_compiled",
               "decode": "benchmarks.bench_decode"}
-OUT = Path("reports/bench")
 
 
 def summarize(name: str, r: dict) -> list[str]:
@@ -37,22 +39,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--only", help="comma-separated subset of: " + ", ".join(BENCHMARKS))
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="glibc's default malloc settings (freed memory goes back to the OS and is faulted in again)")
+    ap.add_argument("--out", type=Path, default=Path("reports/bench"), help="where the JSON results and summary go")
     a = ap.parse_args()
     names = a.only.split(",") if a.only else list(BENCHMARKS)
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = a.out
+    out.mkdir(parents=True, exist_ok=True)
+    kept = False if a.default_allocator else keep_freed_memory()
     machine = {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-               "threads": torch.get_num_threads()}
-    md = ["# Benchmarks", "", f"Machine: `{json.dumps(machine)}`", "", "Command: `make bench`", ""]
+               "threads": torch.get_num_threads(), "keep_freed_memory": kept}
+    flags = " --default-allocator" if a.default_allocator else ""
+    md = ["# Benchmarks", "", f"Machine: `{json.dumps(machine)}`", "", f"Command: `make bench`{flags}", ""]
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
-        result = {"machine": machine, "command": f"python -m benchmarks.run --only {name}",
+        result = {"machine": machine, "command": f"python -m benchmarks.run --only {name}{flags}",
                   **module.run(quick=a.quick)}
-        atomic_write_text(OUT / f"{name}.json", json.dumps(result, indent=2))
-        print(f"{name}: written to {OUT / (name + '.json')}")
+        atomic_write_text(out / f"{name}.json", json.dumps(result, indent=2))
+        print(f"{name}: written to {out / (name + '.json')}")
     for name in BENCHMARKS:  # the summary covers every result on disk, however it was run
-        if (OUT / f"{name}.json").exists():
-            md += summarize(name, json.loads((OUT / f"{name}.json").read_text()))
-    atomic_write_text(OUT / "summary.md", "\n".join(md))
+        if (out / f"{name}.json").exists():
+            md += summarize(name, json.loads((out / f"{name}.json").read_text()))
+    atomic_write_text(out / "summary.md", "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -75,8 +75,9 @@ def run_cell(suite: str, scale: str, cell: Cell, seed: int, *, runs_root: Path =
 
 
 # Fields that do not change what a run computes (where it is written, how often it checkpoints: resume
-# is bit-exact), so two cells differing only in these are the same experiment.
-_NOT_THE_EXPERIMENT = ("out_dir", "resume", "progress", "tensorboard", "keep_last", "ckpt_every", "log_every")
+# is bit-exact; how the process allocates memory), so two cells differing only in these are the same experiment.
+_NOT_THE_EXPERIMENT = ("out_dir", "resume", "progress", "tensorboard", "keep_last", "ckpt_every", "log_every",
+                       "keep_freed_memory")
 
 
 def _experiment(train: dict[str, Any]) -> dict[str, Any]:

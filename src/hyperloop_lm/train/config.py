@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
     compile: bool = False  # torch.compile each block
+    keep_freed_memory: bool = True  # CPU, glibc: keep freed memory in the process (no page faults every step)
     parallel: str = "ddp"  # with torchrun: ddp (replicate) | fsdp (FSDP2 fully_shard per block)
     truncate_backprop: int = 0  # >0: gradients flow only through the last k loops (scaling-law ablation)
     eval_every: int = 200  # steps between held-out evaluations (0 = only at the end)

@@ -37,7 +37,7 @@ from hyperloop_lm.train import checkpoint as ckpt
 from hyperloop_lm.train.config import TrainConfig
 from hyperloop_lm.train.lowrank import optimizer_state_bytes
 from hyperloop_lm.train.optim import build_optimizer, lr_at
-from hyperloop_lm.utils import UserError, atomic_write_text
+from hyperloop_lm.utils import UserError, atomic_write_text, keep_freed_memory
 
 METRICS = ["step", "tokens", "loss", "lr", "grad_norm", "tok_s", "mfu", "mem_mb", "val_loss", "val_ppl", "val_bpb"]
 
@@ -163,6 +163,8 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict[str,
     interrupted (suites spread over several sittings; the resume test).
     """
     rank, world, device = _dist_setup(cfg.device)
+    if device.type == "cpu" and cfg.keep_freed_memory:
+        keep_freed_memory()  # the step re-allocates its activations; the OS would hand them back zeroed
     main = rank == 0
     out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
