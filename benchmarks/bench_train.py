@@ -27,12 +27,13 @@ def run(quick: bool = False, cells: tuple[tuple[str, int], ...] = CELLS, compile
     `train --compile true` does (LM.compile_blocks), for every family alike; compile time is excluded and
     reported."""
     results = {f"{scale}/b{b}": run_scale(quick, scale, batch=b, compile=compile, **kw) for scale, b in cells}
-    rows = ["| scale / batch | family | tok/s | ratio to Transformer (wall) | ratio (CPU time) | target |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| scale / batch | family | tok/s | ratio to Transformer (wall) | per-repetition range | ratio (CPU time) | target |",
+            "|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         for f, v in r["tok_s"].items():
             t = TARGETS.get(f)
-            rows.append(f"| {key} | {f} | {v:.0f} | {r['ratio_to_transformer'][f]:.3f} | "
+            lo, hi = r["ratio_range"][f]
+            rows.append(f"| {key} | {f} | {v:.0f} | {r['ratio_to_transformer'][f]:.3f} | {lo:.2f}-{hi:.2f} | "
                         f"{r['cpu_ratio_to_transformer'][f]:.3f} | {'>= %.2f' % t if t else ''} |")
     if compile:
         rows += ["", "Compile time (s, excluded above): " + "; ".join(
@@ -86,11 +87,15 @@ def run_scale(quick: bool = False, scale: str = "tiny", batch: int = 8, seq_len:
     # CPU time of this (single-threaded) process: immune to being descheduled by other jobs on shared cores
     cpu_tok_s = {f: tok / statistics.median(t) for f, t in cpu.items()}
     cpu_ratio = {f: cpu_tok_s[f] / cpu_tok_s["transformer"] for f in FAMILIES}
+    # each repetition steps every family once, so its ratio is a paired sample: their range shows the noise
+    paired = {f: sorted(tt / tf for tt, tf in zip(times["transformer"], times[f])) for f in FAMILIES}
     return {
         "benchmark": "train_step", "scale": scale, "batch": batch, "seq_len": seq_len, "reps": reps,
         "compile": compile, **({"compile_s": compile_s} if compile else {}),
         "threads": torch.get_num_threads(), "tok_s": tok_s, "ratio_to_transformer": ratio,
         "cpu_tok_s": cpu_tok_s, "cpu_ratio_to_transformer": cpu_ratio,
+        "step_s": {f: [round(t, 4) for t in ts] for f, ts in times.items()},
+        "ratio_range": {f: (p[0], p[-1]) for f, p in paired.items()},
         "targets": TARGETS, "meets_targets": {f: ratio[f] >= t for f, t in TARGETS.items()},
     }
 
