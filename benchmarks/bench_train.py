@@ -49,6 +49,12 @@ def run_scale(quick: bool = False, scale: str = "tiny", batch: int = 8, seq_len:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     reps = 3 if quick else 8
+    if compile:
+        # Every family's blocks share Block.forward's compile cache (8 entries); left over from earlier cells
+        # it fills up and dynamo silently runs the rest eagerly. Start each cell empty, and fail rather than
+        # fall back.
+        torch._dynamo.reset()
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
     setups = {}
     for family in FAMILIES:
         cfg = get_preset(f"{scale}-{family}")
