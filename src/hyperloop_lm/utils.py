@@ -87,8 +87,8 @@ def keep_freed_memory() -> bool:
     serves the large ones (the logits, above all) with mmap and unmaps them when freed, so every step
     page-faults them in again and the kernel zeroes them; after this call a step takes no page faults
     once the heap has grown to its peak. `python -m benchmarks.run --default-allocator` measures the cost.
-    Process-wide, like torch.set_num_threads; the resident memory then stays at the peak, which training
-    reaches every step anyway. Does nothing off glibc or when the user has set glibc's MALLOC_*_
+    Process-wide, like torch.set_num_threads; the resident memory then stays at the step's peak (a little
+    above it, as freed blocks fragment), which training reaches every step anyway. Does nothing off glibc or when the user has set glibc's MALLOC_*_
     variables. Returns whether it applied."""
     if not sys.platform.startswith("linux") or any(v in os.environ for v in _GLIBC_MALLOC_ENV):
         return False
