@@ -156,11 +156,14 @@ class HyperloopForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 past_key_values: Cache | None = None, use_cache: bool | None = None,
                 labels: torch.LongTensor | None = None, loops: int | None = None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+                inputs_embeds: torch.Tensor | None = None, cache: Cache | None = None,
+                **kwargs: Any) -> CausalLMOutputWithPast:
         """input_ids (B, T); attention_mask (B, cached + T), 0 = left padding; labels (B, T) -> mean
-        next-token loss (-100 = ignore). loops overrides config.inference_loops for this call."""
+        next-token loss (-100 = ignore). loops overrides config.inference_loops for this call.
+        cache: the same as past_key_values (transformers >= 5.24 passes it under this name)."""
         if inputs_embeds is not None or input_ids is None:
             raise UserError("HyperloopForCausalLM takes input_ids (inputs_embeds are not supported)")
+        past_key_values = cache if past_key_values is None else past_key_values
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
         loops = self.config.inference_loops if loops is None else loops
         if past_key_values is None and use_cache:
