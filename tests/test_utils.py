@@ -1,4 +1,5 @@
-"""Atomic directory writes: a finished block replaces the directory, a failed one leaves it as it was."""
+"""Shared helpers: atomic directory writes (a finished block replaces the directory, a failed one leaves it as
+it was) and keeping freed memory in the process (no page faults every step)."""
 import os
 import subprocess
 import sys
