@@ -24,6 +24,15 @@ def session_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_data_dir(session_cache):
+    """Whatever a test caches without asking for a cache (e.g. the compiled Sinkhorn kernel) goes to the
+    session's cache too, never to ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HYPERLOOP_LM_DATA", str(session_cache))
+        yield
+
+
 @pytest.fixture
 def cache_env(session_cache, monkeypatch) -> Path:
     """Tokenizers and shards are cached per session (tests reuse them), never under ~/.cache."""

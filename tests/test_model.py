@@ -124,9 +124,14 @@ def test_sinkhorn_is_doubly_stochastic_and_matches_hyper_connections():
     assert_close(sinkhorn(hard, 20), sinkhorn_knopps(hard, iters=20), atol=1e-6, rtol=1e-5)
 
 
-def test_sinkhorn_backward_is_the_exact_gradient_of_the_iterations():
+@pytest.mark.parametrize("code", ["kernel", "torch"])
+def test_sinkhorn_backward_is_the_exact_gradient_of_the_iterations(code, monkeypatch):
     """The hand-written backward equals autograd through the plain loop (float64), for any shape of
-    leading axes, and passes gradcheck."""
+    leading axes, and passes gradcheck: in the C kernel (where it builds) and in the torch code."""
+    from hyperloop_lm.model import hyper
+
+    if code == "torch":
+        monkeypatch.setattr(hyper, "_use_kernel", lambda t: False)
     def plain(logits, iters):
         m = (logits - logits.amax(dim=(-2, -1), keepdim=True)).exp()
         for _ in range(iters):

@@ -21,26 +21,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hyperloop_lm.config import ModelConfig, logit
+from hyperloop_lm.model import sinkhorn_kernel
 
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     """Doubly-stochastic projection of (..., n, n) logits: exp (max-subtracted), then `iters` rounds of
-    column then row normalisation, in fp32. Differentiable: the exact gradient of these iterations."""
+    column then row normalisation, in fp32. Differentiable: the exact gradient of these iterations.
+
+    On CPU the iterations run in a compiled C kernel (sinkhorn_kernel.py) when one can be built, else in
+    the torch code below; both round alike."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if torch.compiler.is_compiling():  # an opaque op: inductor's code for these size-n reductions is ~4x slower
         return torch.ops.hyperloop_lm.sinkhorn(logits, iters)[0]
     return _Sinkhorn.apply(logits, iters)
 
 
-def _sinkhorn_forward(logits: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, list, list]:
-    """The result, and what the backward needs: the last iterate with the token axes last (n, n, ...) and
-    the column / row sums of every iteration, (1, n, ...) / (n, 1, ...) each.
+def _use_kernel(t: torch.Tensor) -> bool:
+    # the TorchScript tracer (ONNX export) must see torch ops, not a foreign call
+    return (t.device.type == "cpu" and t.shape[-1] <= sinkhorn_kernel.MAX_N and not torch.jit.is_tracing()
+            and sinkhorn_kernel.available(t.dtype))
+
+
+def _exp_shifted(logits: torch.Tensor) -> torch.Tensor:
+    return (logits - logits.amax(dim=(-2, -1), keepdim=True)).exp()
+
+
+def _iterate(m0: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, list, list]:
+    """The torch code: the result of the iterations on m0 = exp(logits - max), and what the backward
+    needs: the last iterate with the token axes last (n, n, ...) and the column / row sums of every
+    iteration, (1, n, ...) / (n, 1, ...) each.
 
     Per token the matrices are only n x n, so per-op overhead and strided reductions over size-n rows
     dominate. With the token axes last each normalisation is a few contiguous vector ops."""
-    m = (logits - logits.amax(dim=(-2, -1), keepdim=True)).exp()
-    d = m.dim()  # positive axes: ONNX export rejects a Transpose with negative perm
-    m = m.movedim((d - 2, d - 1), (0, 1)).contiguous()  # (n, n, ...): reductions over rows/cols are vector adds
+    d = m0.dim()  # positive axes: ONNX export rejects a Transpose with negative perm
+    m = m0.movedim((d - 2, d - 1), (0, 1)).contiguous()  # (n, n, ...): reductions over rows/cols are vector adds
     cols, rows = [], []
     for _ in range(iters):  # in place: m is a fresh tensor that no graph records
         for dim, sums in ((0, cols), (1, rows)):  # columns, then rows
@@ -50,64 +64,84 @@ def _sinkhorn_forward(logits: torch.Tensor, iters: int) -> tuple[torch.Tensor, t
     return out, m, cols, rows
 
 
-def _sinkhorn_backward(grad: torch.Tensor, m: torch.Tensor, cols: Sequence[torch.Tensor], rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The backward of out = m / sum(m) is (g - sum(g * out)) / sum(m), applied from the last step back.
-    The max-subtraction needs no gradient: the result is invariant to a constant shift of the logits."""
+def _iterate_backward(grad: torch.Tensor, m: torch.Tensor, cols: Sequence[torch.Tensor], rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The torch code: the backward of out = m / sum(m) is (g - sum(g * out)) / sum(m), applied from the
+    last step back. Returns the gradient with respect to m0 times m0 (the logits' gradient through exp;
+    the max-subtraction needs none: the result is invariant to a constant shift of the logits)."""
     g = grad.movedim((-2, -1), (0, 1)).clone(memory_format=torch.contiguous_format)
     m = m.clone()  # both updated in place below
     for k in reversed(range(len(cols))):
         for dim, s in ((1, rows[k]), (0, cols[k])):  # m is the output of this step; its input was m * s
             g.sub_((g * m).sum(dim, keepdim=True)).div_(s)
             m.mul_(s)
-    return g.mul_(m).movedim((0, 1), (-2, -1)).contiguous()  # m is now exp(logits - max)
+    return g.mul_(m).movedim((0, 1), (-2, -1)).contiguous()  # m is now m0
+
+
+def _forward(logits: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The result and m0 = exp(logits - max), all the backward keeps (it recomputes the iterations)."""
+    m0 = _exp_shifted(logits)
+    return (sinkhorn_kernel.forward(m0, iters) if _use_kernel(m0) else _iterate(m0, iters)[0]), m0
+
+
+def _backward(grad: torch.Tensor, m0: torch.Tensor, iters: int) -> torch.Tensor:
+    if _use_kernel(m0):
+        return sinkhorn_kernel.backward(grad, m0, iters)
+    return _iterate_backward(grad, *_iterate(m0, iters)[1:])
 
 
 class _Sinkhorn(torch.autograd.Function):
-    """Sinkhorn with a hand-written backward through every iteration, ~6x faster than autograd on CPU."""
+    """Sinkhorn with a hand-written backward through every iteration, ~6x faster than autograd on CPU
+    (the torch code; the C kernel is ~2x faster again)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, iters: int) -> torch.Tensor:
-        out, m, cols, rows = _sinkhorn_forward(logits, iters)
+        ctx.iters = iters
+        if _use_kernel(logits):
+            out, m0 = _forward(logits, iters)
+            ctx.save_for_backward(m0)
+            return out
+        out, m, cols, rows = _iterate(_exp_shifted(logits), iters)  # keep the sums: no recompute
         ctx.save_for_backward(m, *cols, *rows)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        m, *sums = ctx.saved_tensors
-        return _sinkhorn_backward(grad, m, sums[: len(sums) // 2], sums[len(sums) // 2 :]), None
+        saved = ctx.saved_tensors
+        if len(saved) == 1:
+            return _backward(grad, saved[0], ctx.iters), None
+        m, *sums = saved
+        return _iterate_backward(grad, m, sums[: len(sums) // 2], sums[len(sums) // 2 :]), None
 
 
-# The same two functions as custom ops, for torch.compile (see `sinkhorn`).
+# The same as custom ops, for torch.compile (see `sinkhorn`); the backward recomputes the iterations.
 @torch.library.custom_op("hyperloop_lm::sinkhorn", mutates_args=())
-def _sinkhorn_op(logits: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, m, cols, rows = _sinkhorn_forward(logits, iters)
-    return out, m, torch.stack(cols), torch.stack(rows)  # an op returns tensors
+def _sinkhorn_op(logits: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(logits, iters)
 
 
 @_sinkhorn_op.register_fake
 def _(logits, iters):
-    lead, (n, _) = logits.shape[:-2], logits.shape[-2:]
-    return (torch.empty_like(logits), logits.new_empty(n, n, *lead), logits.new_empty(iters, 1, n, *lead),
-            logits.new_empty(iters, n, 1, *lead))
+    return torch.empty_like(logits), torch.empty_like(logits)
 
 
 @torch.library.custom_op("hyperloop_lm::sinkhorn_backward", mutates_args=())
-def _sinkhorn_backward_op(grad: torch.Tensor, m: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return _sinkhorn_backward(grad, m, cols, rows)
+def _sinkhorn_backward_op(grad: torch.Tensor, m0: torch.Tensor, iters: int) -> torch.Tensor:
+    return _backward(grad, m0, iters)
 
 
 @_sinkhorn_backward_op.register_fake
-def _(grad, m, cols, rows):
-    return torch.empty_like(grad)
+def _(grad, m0, iters):
+    return torch.empty_like(m0)
 
 
 def _sinkhorn_setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[1:])
+    ctx.iters = inputs[1]
+    ctx.save_for_backward(output[1])
 
 
-def _sinkhorn_op_backward(ctx, grad, *_):
-    return _sinkhorn_backward_op(grad, *ctx.saved_tensors), None
+def _sinkhorn_op_backward(ctx, grad, _):
+    return _sinkhorn_backward_op(grad, ctx.saved_tensors[0], ctx.iters), None
 
 
 _sinkhorn_op.register_autograd(_sinkhorn_op_backward, setup_context=_sinkhorn_setup)

@@ -1,0 +1,118 @@
+/* Sinkhorn-Knopp on many small n x n matrices: the forward, and the exact backward through the iterations.
+
+Loaded through ctypes by hyperloop_lm/model/sinkhorn_kernel.py, which compiles this file once per machine
+with -DREAL=float or -DREAL=double. The arithmetic of the torch code in hyper.py, in the same order, but
+multiplying by reciprocals where that divides: the results agree to rounding (tests/test_model.py).
+
+Why C: per token the matrix is tiny (n = 4: 16 numbers), so the torch version is ~300 vector ops, each a
+full pass over the batch in memory. Here a block of BT tokens stays in L1 for all the iterations. Inside a
+block the token index is innermost (m[k * BT + t], k = i * n + j), so every loop over t is a run of
+independent lanes that the compiler vectorises without fast-math. */
+#include <stdint.h>
+#include <stdlib.h>
+
+#ifndef REAL
+#define REAL float
+#endif
+typedef REAL real;
+
+enum { BT = 64, MAXN = 16 };
+
+static int64_t block_len(int64_t ntok, int64_t t0) { return ntok - t0 < BT ? ntok - t0 : BT; }
+
+static void gather(const real *src, real *restrict m, int64_t t0, int bt, int nn) {
+    for (int t = 0; t < bt; t++)
+        for (int k = 0; k < nn; k++) m[k * BT + t] = src[(t0 + t) * nn + k];
+}
+
+static void scatter(const real *restrict m, real *dst, int64_t t0, int bt, int nn) {
+    for (int t = 0; t < bt; t++)
+        for (int k = 0; k < nn; k++) dst[(t0 + t) * nn + k] = m[k * BT + t];
+}
+
+/* Entry (a, b) of the block's matrices: column a, row b for a column step; row a, column b for a row step. */
+static int entry(int n, int cols, int a, int b) { return (cols ? b * n + a : a * n + b) * BT; }
+
+/* One normalisation (columns or rows): the sums go to s (n x BT), then every entry is divided by its sum
+(times the reciprocal: divisions would bound the speed; the result differs from x / s by at most an ulp). */
+static void normalise(real *restrict m, real *restrict s, int n, int bt, int cols) {
+    for (int a = 0; a < n; a++) {
+        real *restrict sa = s + a * BT;
+        for (int t = 0; t < bt; t++) sa[t] = m[entry(n, cols, a, 0) + t];
+        for (int b = 1; b < n; b++)
+            for (int t = 0; t < bt; t++) sa[t] += m[entry(n, cols, a, b) + t];
+        real r[BT];
+        for (int t = 0; t < bt; t++) r[t] = 1 / sa[t];
+        for (int b = 0; b < n; b++)
+            for (int t = 0; t < bt; t++) m[entry(n, cols, a, b) + t] *= r[t];
+    }
+}
+
+/* Backward of one normalisation out = in / s: g <- (g - sum(g * out)) / s, and m <- m * s (out back to in). */
+static void normalise_backward(real *restrict g, real *restrict m, const real *restrict s, int n, int bt, int cols) {
+    real acc[BT];
+    for (int a = 0; a < n; a++) {
+        const real *restrict sa = s + a * BT;
+        for (int t = 0; t < bt; t++) acc[t] = g[entry(n, cols, a, 0) + t] * m[entry(n, cols, a, 0) + t];
+        for (int b = 1; b < n; b++)
+            for (int t = 0; t < bt; t++) acc[t] += g[entry(n, cols, a, b) + t] * m[entry(n, cols, a, b) + t];
+        for (int t = 0; t < bt; t++) acc[t] = -acc[t];
+        real r[BT];
+        for (int t = 0; t < bt; t++) r[t] = 1 / sa[t];
+        for (int b = 0; b < n; b++) {
+            int e = entry(n, cols, a, b);
+            for (int t = 0; t < bt; t++) {
+                g[e + t] = (g[e + t] + acc[t]) * r[t];
+                m[e + t] *= sa[t];
+            }
+        }
+    }
+}
+
+/* m0, out: (ntok, n, n) contiguous; m0 = exp(logits - max) > 0. Returns 0, or -1 if n is out of range. */
+int sinkhorn_forward(const real *m0, real *out, int64_t ntok, int n, int iters) {
+    if (n < 1 || n > MAXN) return -1;
+    real m[MAXN * MAXN * BT], s[MAXN * BT];
+    for (int64_t t0 = 0; t0 < ntok; t0 += BT) {
+        int bt = (int)block_len(ntok, t0);
+        gather(m0, m, t0, bt, n * n);
+        for (int it = 0; it < iters; it++) {
+            normalise(m, s, n, bt, 1);
+            normalise(m, s, n, bt, 0);
+        }
+        scatter(m, out, t0, bt, n * n);
+    }
+    return 0;
+}
+
+/* grad_logits = d(loss)/d(logits) given grad = d(loss)/d(out), all (ntok, n, n). The forward is recomputed
+per block (cheap here) to recover every step's sums, so nothing but m0 is kept between the passes.
+Returns 0, -1 if n is out of range, -2 if out of memory. */
+int sinkhorn_backward(const real *grad, const real *m0, real *grad_logits, int64_t ntok, int n, int iters) {
+    if (n < 1 || n > MAXN) return -1;
+    int nn = n * n;
+    size_t block = (size_t)nn * BT;
+    /* three blocks (m, g, e), then every step's sums (iters, 2, n, BT) */
+    real *m = malloc(sizeof(real) * (3 * block + (size_t)(iters > 0 ? iters : 1) * 2 * n * BT));
+    if (!m) return -2;
+    real *g = m + block, *e = g + block, *sums = e + block;
+    for (int64_t t0 = 0; t0 < ntok; t0 += BT) {
+        int bt = (int)block_len(ntok, t0);
+        gather(m0, e, t0, bt, nn);
+        gather(m0, m, t0, bt, nn);
+        for (int it = 0; it < iters; it++) {
+            normalise(m, sums + (2 * it) * n * BT, n, bt, 1);
+            normalise(m, sums + (2 * it + 1) * n * BT, n, bt, 0);
+        }
+        gather(grad, g, t0, bt, nn);
+        for (int it = iters - 1; it >= 0; it--) {
+            normalise_backward(g, m, sums + (2 * it + 1) * n * BT, n, bt, 0);
+            normalise_backward(g, m, sums + (2 * it) * n * BT, n, bt, 1);
+        }
+        for (int k = 0; k < nn; k++)  /* through the exp; the max-subtraction has no gradient */
+            for (int t = 0; t < bt; t++) g[k * BT + t] *= e[k * BT + t];
+        scatter(g, grad_logits, t0, bt, nn);
+    }
+    free(m);
+    return 0;
+}
