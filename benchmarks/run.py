@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from hyperloop_lm.model import sinkhorn_kernel
+from hyperloop_lm.model import hc_kernels
 from hyperloop_lm.utils import atomic_write_text, keep_freed_memory
 
 BENCHMARKS = {"train_step": "benchmarks.bench_train", "train_step_compiled": "benchmarks.bench_train_compiled",
-              "decode": "benchmarks.bench_decode", "sinkhorn": "benchmarks.bench_sinkhorn"}
+              "decode": "benchmarks.bench_decode", "hc_kernels": "benchmarks.bench_hc_kernels"}
 
 
 def summarize(name: str, r: dict) -> list[str]:
@@ -50,7 +50,7 @@ def main() -> None:
     kept = False if a.default_allocator else keep_freed_memory()
     machine = {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "keep_freed_memory": kept,
-               "sinkhorn_kernel": sinkhorn_kernel.available()}
+               "hc_kernels": hc_kernels.available()}
     flags = " --default-allocator" if a.default_allocator else ""
     md = ["# Benchmarks", "", f"Machine: `{json.dumps(machine)}`", "", f"Command: `make bench`{flags}", ""]
     for name in names:

@@ -21,15 +21,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hyperloop_lm.config import ModelConfig, logit
-from hyperloop_lm.model import sinkhorn_kernel
+from hyperloop_lm.model import hc_kernels
 
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     """Doubly-stochastic projection of (..., n, n) logits: exp (max-subtracted), then `iters` rounds of
     column then row normalisation, in fp32. Differentiable: the exact gradient of these iterations.
 
-    On CPU the iterations run in a compiled C kernel (sinkhorn_kernel.py) when one can be built, else in
-    the torch code below; both round alike."""
+    On CPU the iterations run in a compiled C kernel (hc_kernels.py) when one can be built, else in the
+    torch code below; both round alike."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if torch.compiler.is_compiling():  # an opaque op: inductor's code for these size-n reductions is ~4x slower
         return torch.ops.hyperloop_lm.sinkhorn(logits, iters)[0]
@@ -37,9 +37,7 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
 
 
 def _use_kernel(t: torch.Tensor) -> bool:
-    # the TorchScript tracer (ONNX export) must see torch ops, not a foreign call
-    return (t.device.type == "cpu" and t.shape[-1] <= sinkhorn_kernel.MAX_N and not torch.jit.is_tracing()
-            and sinkhorn_kernel.available(t.dtype))
+    return t.shape[-1] <= hc_kernels.MAX_N and hc_kernels.usable(t)
 
 
 def _exp_shifted(logits: torch.Tensor) -> torch.Tensor:
@@ -80,12 +78,12 @@ def _iterate_backward(grad: torch.Tensor, m: torch.Tensor, cols: Sequence[torch.
 def _forward(logits: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The result and m0 = exp(logits - max), all the backward keeps (it recomputes the iterations)."""
     m0 = _exp_shifted(logits)
-    return (sinkhorn_kernel.forward(m0, iters) if _use_kernel(m0) else _iterate(m0, iters)[0]), m0
+    return (hc_kernels.sinkhorn_forward(m0, iters) if _use_kernel(m0) else _iterate(m0, iters)[0]), m0
 
 
 def _backward(grad: torch.Tensor, m0: torch.Tensor, iters: int) -> torch.Tensor:
     if _use_kernel(m0):
-        return sinkhorn_kernel.backward(grad, m0, iters)
+        return hc_kernels.sinkhorn_backward(grad, m0, iters)
     return _iterate_backward(grad, *_iterate(m0, iters)[1:])
 
 
@@ -209,14 +207,20 @@ class HyperConnection(nn.Module):
         pre, half_post, res = self._gates(y)
         if y.dtype != pre.dtype:
             pre, half_post, res = pre.to(y.dtype), half_post.to(y.dtype), None if res is None else res.to(y.dtype)
+        if not torch.compiler.is_compiling() and hc_kernels.usable(y, pre):  # eager CPU: one pass, not a bmm
+            return hc_kernels.mix(pre.unsqueeze(-2), y).squeeze(-2), half_post, res
         return (pre.unsqueeze(-2) @ y).squeeze(-2), half_post, res
 
     def _write(self, y: torch.Tensor, u: torch.Tensor, half_post: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
         if res is not None and res.dim() > half_post.dim():
             if torch.compiler.is_compiling():  # inductor fuses this into one pass over the streams
                 return (res.unsqueeze(-1) * y.unsqueeze(-3)).sum(-2) + 2 * half_post.unsqueeze(-1) * u.unsqueeze(-2)
-            # eager: H_res y + post u^T as one batched matmul [H_res | post] @ [y; u] (2x faster than bmm + outer + add)
-            return torch.cat([res, 2 * half_post.unsqueeze(-1)], -1) @ torch.cat([y, u.unsqueeze(-2)], -2)
+            # eager: H_res y + post u^T as one per-token product [H_res | post] @ [y; u]; on CPU one pass over
+            # the streams, else a batched matmul (2x faster than bmm + outer + add)
+            coef = torch.cat([res, 2 * half_post.unsqueeze(-1)], -1)
+            if hc_kernels.usable(coef, y, u):
+                return hc_kernels.mix(coef, y, u)
+            return coef @ torch.cat([y, u.unsqueeze(-2)], -2)
         kept = y if res is None else res.unsqueeze(-1) * y  # identity, or diagonal decay
         return torch.addcmul(kept, half_post.unsqueeze(-1), u.unsqueeze(-2), value=2)
 

@@ -1,13 +1,13 @@
-/* Sinkhorn-Knopp on many small n x n matrices: the forward, and the exact backward through the iterations.
+/* CPU kernels for the hyper-connection sites (hyper.py): Sinkhorn-Knopp on many small n x n matrices, and
+the per-token stream mixing out[t] = M[t] @ Z[t]; each with its exact backward.
 
-Loaded through ctypes by hyperloop_lm/model/sinkhorn_kernel.py, which compiles this file once per machine
-with -DREAL=float or -DREAL=double. The arithmetic of the torch code in hyper.py, in the same order, but
-multiplying by reciprocals where that divides: the results agree to rounding (tests/test_model.py).
+Loaded through ctypes by hyperloop_lm/model/hc_kernels.py, which compiles this file once per machine with
+-DREAL=float or -DREAL=double, and -fopenmp-simd (the simd pragmas only; no OpenMP runtime).
 
-Why C: per token the matrix is tiny (n = 4: 16 numbers), so the torch version is ~300 vector ops, each a
-full pass over the batch in memory. Here a block of BT tokens stays in L1 for all the iterations. Inside a
-block the token index is innermost (m[k * BT + t], k = i * n + j), so every loop over t is a run of
-independent lanes that the compiler vectorises without fast-math. */
+Why C: per token the matrices are tiny (n = 4 streams). In torch, Sinkhorn is ~300 vector ops, each a full
+pass over the batch in memory, and the mixing is a batched matmul of thousands of 4 x 5 matrices, which
+BLAS runs one small call at a time (~10x slower than one pass over the stream). Here Sinkhorn keeps a
+block of BT tokens in L1 for all its iterations, and the mixing is one pass over each stream. */
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -16,7 +16,14 @@ independent lanes that the compiler vectorises without fast-math. */
 #endif
 typedef REAL real;
 
-enum { BT = 64, MAXN = 16 };
+/* ---------------------------------------------------------------- Sinkhorn
+
+The arithmetic of the torch code in hyper.py, in the same order, but multiplying by reciprocals where that
+divides: the results agree to rounding (tests/test_hc_kernels.py). Inside a block the token index is
+innermost (m[k * BT + t], k = i * n + j), so every loop over t is a run of independent lanes that the
+compiler vectorises without fast-math. */
+
+enum { BT = 64, MAXN = 16 };  /* Sinkhorn: tokens per block, largest n */
 
 static int64_t block_len(int64_t ntok, int64_t t0) { return ntok - t0 < BT ? ntok - t0 : BT; }
 
@@ -115,4 +122,60 @@ int sinkhorn_backward(const real *grad, const real *m0, real *grad_logits, int64
     }
     free(m);
     return 0;
+}
+
+/* ---------------------------------------------------------------- stream mixing
+
+out[t] = M[t] @ Z[t] for every token t: M[t] is (r, k); Z[t] is k rows of length C, the k1 streams y[t]
+and, when u is given, one more row u[t]. The write of an mHC site is r = n, k = n + 1 (M = [H_res | post],
+Z = [y; u]); its read is r = 1, k = n (M = pre, Z = y). All arrays contiguous. */
+
+static const real *zrow(const real *y, const real *u, int64_t t, int j, int k1, int64_t C) {
+    return j < k1 ? y + (t * k1 + j) * C : u + t * C;
+}
+
+void mix_forward(const real *M, const real *y, const real *u, real *out, int64_t ntok, int r, int k1, int64_t C) {
+    int k = k1 + (u != 0);
+    for (int64_t t = 0; t < ntok; t++) {
+        const real *Mt = M + t * r * k;
+        for (int i = 0; i < r; i++) {
+            real *restrict o = out + (t * r + i) * C;
+            const real *restrict z = zrow(y, u, t, 0, k1, C);
+            real a = Mt[i * k];
+            for (int64_t c = 0; c < C; c++) o[c] = a * z[c];
+            for (int j = 1; j < k; j++) {
+                z = zrow(y, u, t, j, k1, C);
+                a = Mt[i * k + j];
+                for (int64_t c = 0; c < C; c++) o[c] += a * z[c];
+            }
+        }
+    }
+}
+
+/* dM[t] = dout[t] @ Z[t]^T (r x k dot products over C); dZ[t] = M[t]^T @ dout[t], into dy (and du). */
+void mix_backward(const real *M, const real *y, const real *u, const real *dout, real *dM, real *dy, real *du,
+                  int64_t ntok, int r, int k1, int64_t C) {
+    int k = k1 + (u != 0);
+    for (int64_t t = 0; t < ntok; t++) {
+        const real *Mt = M + t * r * k;
+        const real *dt = dout + t * r * C;
+        for (int i = 0; i < r; i++)
+            for (int j = 0; j < k; j++) {
+                const real *restrict z = zrow(y, u, t, j, k1, C), *restrict d = dt + i * C;
+                real acc = 0;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t c = 0; c < C; c++) acc += d[c] * z[c];
+                dM[(t * r + i) * k + j] = acc;
+            }
+        for (int j = 0; j < k; j++) {
+            real *restrict dz = j < k1 ? dy + (t * k1 + j) * C : du + t * C;
+            real a = Mt[j];
+            for (int64_t c = 0; c < C; c++) dz[c] = a * dt[c];
+            for (int i = 1; i < r; i++) {
+                const real *restrict d = dt + i * C;
+                a = Mt[i * k + j];
+                for (int64_t c = 0; c < C; c++) dz[c] += a * d[c];
+            }
+        }
+    }
 }
