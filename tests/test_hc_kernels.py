@@ -127,11 +127,13 @@ def test_mhc_and_hyperloop_sites_match_their_torch_code(rebuild, monkeypatch):
             for p in site.parameters():
                 p.add_(torch.randn_like(p) * 0.3)
         lin = torch.nn.Linear(32, 32)
-        y = torch.randn(2, 5, 4, 32, requires_grad=True)
+        y = torch.randn(4, 20, 4, 32, requires_grad=True)  # 80 tokens: enough for the mixing kernel
+        assert not hc_kernels.worth_mixing(y[:1, :10])  # decode-sized: the batched matmul is cheaper
         results = []
         for kernels in ("c", "torch"):
             monkeypatch.setenv("HYPERLOOP_LM_KERNELS", kernels)
             hc_kernels._library.cache_clear()
+            assert hc_kernels.worth_mixing(y) == (kernels == "c")
             out = site(y, lambda x: torch.tanh(lin(x)))
             params = (y, *site.parameters(), *lin.parameters())
             results.append((out, torch.autograd.grad((out * torch.arange(out.numel()).view_as(out).sin()).sum(), params)))

@@ -2,7 +2,7 @@
 the per-token stream mixing out[t] = M[t] @ Z[t]; each with its exact backward.
 
 Loaded through ctypes by hyperloop_lm/model/hc_kernels.py, which compiles this file once per machine with
--DREAL=float or -DREAL=double, and -fopenmp-simd (the simd pragmas only; no OpenMP runtime).
+-DREAL=float or -DREAL=double.
 
 Why C: per token the matrices are tiny (n = 4 streams). In torch, Sinkhorn is ~300 vector ops, each a full
 pass over the batch in memory, and the mixing is a batched matmul of thousands of 4 x 5 matrices, which
@@ -130,6 +130,8 @@ out[t] = M[t] @ Z[t] for every token t: M[t] is (r, k); Z[t] is k rows of length
 and, when u is given, one more row u[t]. The write of an mHC site is r = n, k = n + 1 (M = [H_res | post],
 Z = [y; u]); its read is r = 1, k = n (M = pre, Z = y). All arrays contiguous. */
 
+enum { LANES = 32 };  /* partial sums per dot product: two AVX-512 or four AVX2 registers of floats */
+
 static const real *zrow(const real *y, const real *u, int64_t t, int j, int k1, int64_t C) {
     return j < k1 ? y + (t * k1 + j) * C : u + t * C;
 }
@@ -162,9 +164,13 @@ void mix_backward(const real *M, const real *y, const real *u, const real *dout,
         for (int i = 0; i < r; i++)
             for (int j = 0; j < k; j++) {
                 const real *restrict z = zrow(y, u, t, j, k1, C), *restrict d = dt + i * C;
+                real lanes[LANES] = {0};  /* independent partial sums: the compiler vectorises them */
+                int64_t c = 0;
+                for (; c + LANES <= C; c += LANES)
+                    for (int l = 0; l < LANES; l++) lanes[l] += d[c + l] * z[c + l];
                 real acc = 0;
-                #pragma omp simd reduction(+:acc)
-                for (int64_t c = 0; c < C; c++) acc += d[c] * z[c];
+                for (; c < C; c++) acc += d[c] * z[c];
+                for (int l = 0; l < LANES; l++) acc += lanes[l];
                 dM[(t * r + i) * k + j] = acc;
             }
         for (int j = 0; j < k; j++) {

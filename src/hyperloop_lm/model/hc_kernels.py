@@ -29,7 +29,7 @@ MAX_N = 16  # MAXN in hc_kernels.c: Sinkhorn's largest n
 _C_TYPES = {torch.float32: "float", torch.float64: "double"}
 # -march=native: the cache key includes the CPU's feature flags, so a shared cache never serves a binary
 # built for another CPU. No -ffast-math: the kernels must round like the torch code.
-_FLAGS = ("-O3", "-march=native", "-std=c99", "-fopenmp-simd", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-march=native", "-std=c99", "-shared", "-fPIC")
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:
@@ -41,6 +41,12 @@ def usable(*tensors: torch.Tensor) -> bool:
     t = tensors[0]
     return (t.device.type == "cpu" and all(x.dtype == t.dtype for x in tensors) and not torch.jit.is_tracing()
             and available(t.dtype))
+
+
+def worth_mixing(y: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether `mix` pays off for streams y (..., n, C): from 64 tokens up. Below that (decoding) the call
+    overhead (~15 us) exceeds what one pass saves over a batched matmul."""
+    return y.numel() >= 64 * y.shape[-2] * y.shape[-1] and usable(y, *others)
 
 
 def sinkhorn_forward(m0: torch.Tensor, iters: int) -> torch.Tensor:

@@ -207,7 +207,7 @@ class HyperConnection(nn.Module):
         pre, half_post, res = self._gates(y)
         if y.dtype != pre.dtype:
             pre, half_post, res = pre.to(y.dtype), half_post.to(y.dtype), None if res is None else res.to(y.dtype)
-        if not torch.compiler.is_compiling() and hc_kernels.usable(y, pre):  # eager CPU: one pass, not a bmm
+        if not torch.compiler.is_compiling() and hc_kernels.worth_mixing(y, pre):  # eager CPU: one pass, not a bmm
             return hc_kernels.mix(pre.unsqueeze(-2), y).squeeze(-2), half_post, res
         return (pre.unsqueeze(-2) @ y).squeeze(-2), half_post, res
 
@@ -218,7 +218,7 @@ class HyperConnection(nn.Module):
             # eager: H_res y + post u^T as one per-token product [H_res | post] @ [y; u]; on CPU one pass over
             # the streams, else a batched matmul (2x faster than bmm + outer + add)
             coef = torch.cat([res, 2 * half_post.unsqueeze(-1)], -1)
-            if hc_kernels.usable(coef, y, u):
+            if hc_kernels.worth_mixing(y, coef, u):
                 return hc_kernels.mix(coef, y, u)
             return coef @ torch.cat([y, u.unsqueeze(-2)], -2)
         kept = y if res is None else res.unsqueeze(-1) * y  # identity, or diagonal decay
