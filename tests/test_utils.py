@@ -73,3 +73,16 @@ def test_keep_freed_memory_stops_the_per_step_page_faults():
 def test_keep_freed_memory_leaves_a_users_malloc_settings_alone(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
     assert keep_freed_memory() is False
+
+
+def test_atomic_writes_get_the_mode_a_plain_write_would(tmp_path):
+    """Not mkstemp's private 0600: a written checkpoint or report is readable like any other file."""
+    from hyperloop_lm.utils import atomic_write_text
+
+    (tmp_path / "plain.txt").write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+    (tmp_path / "plain").mkdir()
+    with atomic_dir(tmp_path / "atomic"):
+        pass
+    assert (tmp_path / "atomic").stat().st_mode == (tmp_path / "plain").stat().st_mode

@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the umask can only be read by setting it
+
+
 class UserError(Exception):
     """An expected mistake by the user (bad config, missing file...). The CLI prints it as one line."""
 
@@ -35,6 +39,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); give it the mode open() would
     try:
         yield tmp
         os.replace(tmp, path)
@@ -53,6 +58,7 @@ def atomic_dir(path: str | os.PathLike, *, keep_existing: Callable[[], bool] | N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private (0700); give it the mode mkdir() would
     try:
         yield tmp
         if keep_existing is None or not keep_existing():
