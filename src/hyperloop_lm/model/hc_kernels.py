@@ -3,8 +3,8 @@ forward and backward. Built on first use with the system C compiler, cached per 
 `data_dir()/kernels`, called through ctypes. `python -m benchmarks.bench_hc_kernels` times them against
 the torch code they replace (~2x for Sinkhorn, ~10x for the mixing, forward + backward).
 
-hyper.py uses them on CPU for fp32 / fp64 outside torch.compile (inductor fuses the mixing itself) and
-outside TorchScript tracing (ONNX export). If no compiler is found or the build fails, `available()` is
+hyper.py uses them on CPU for fp32 / fp64 outside torch.compile (inductor fuses the mixing itself), TorchScript
+tracing (ONNX export) and dispatch modes (FLOP counting). If no compiler is found or the build fails, `available()` is
 False, one warning says why, and hyper.py runs its torch code: same results, slower.
 HYPERLOOP_LM_KERNELS=torch forces that path.
 """
@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from hyperloop_lm.utils import atomic_path, data_dir
 
@@ -37,10 +38,12 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether these tensors can go through the kernels here and now."""
+    """Whether these tensors can go through the kernels here and now: real CPU tensors of one dtype, and
+    nobody watching the ops (a dispatch mode such as FlopCounterMode or FakeTensorMode, the TorchScript
+    tracer of ONNX export) who would miss a foreign call."""
     t = tensors[0]
     return (t.device.type == "cpu" and all(x.dtype == t.dtype for x in tensors) and not torch.jit.is_tracing()
-            and available(t.dtype))
+            and _current_dispatch_mode() is None and available(t.dtype))
 
 
 def worth_mixing(y: torch.Tensor, *others: torch.Tensor) -> bool:
