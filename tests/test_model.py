@@ -148,6 +148,8 @@ def test_sinkhorn_backward_is_the_exact_gradient_of_the_iterations(code, monkeyp
         assert_close(sinkhorn(logits, iters), plain(logits, iters), atol=1e-12, rtol=0)
         assert_close(g_ours, g_ref, atol=1e-10, rtol=0)
     assert torch.autograd.gradcheck(lambda x: sinkhorn(x, 5), torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True))
+    with pytest.raises(ValueError, match="at least one iteration"):  # 0 would be exp alone, not shift-invariant
+        sinkhorn(torch.randn(2, 3, 3), 0)
 
 
 def reference_mhc_site(y, W, b, a, F_, iters=20, eps=1e-5):

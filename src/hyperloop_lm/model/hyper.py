@@ -30,6 +30,8 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
 
     On CPU the iterations run in a compiled C kernel (hc_kernels.py) when one can be built, else in the
     torch code below; both round alike."""
+    if iters < 1:
+        raise ValueError(f"Sinkhorn needs at least one iteration, got {iters}")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if torch.compiler.is_compiling():  # an opaque op: inductor's code for these size-n reductions is ~4x slower
         return torch.ops.hyperloop_lm.sinkhorn(logits, iters)[0]
@@ -93,11 +95,11 @@ class _Sinkhorn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, iters: int) -> torch.Tensor:
-        ctx.iters = iters
-        if _use_kernel(logits):
-            out, m0 = _forward(logits, iters)
+        ctx.iters, ctx.kernel = iters, _use_kernel(logits)
+        if ctx.kernel:
+            m0 = _exp_shifted(logits)
             ctx.save_for_backward(m0)
-            return out
+            return hc_kernels.sinkhorn_forward(m0, iters)
         out, m, cols, rows = _iterate(_exp_shifted(logits), iters)  # keep the sums: no recompute
         ctx.save_for_backward(m, *cols, *rows)
         return out
@@ -105,10 +107,9 @@ class _Sinkhorn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        saved = ctx.saved_tensors
-        if len(saved) == 1:
-            return _backward(grad, saved[0], ctx.iters), None
-        m, *sums = saved
+        if ctx.kernel:
+            return hc_kernels.sinkhorn_backward(grad, ctx.saved_tensors[0], ctx.iters), None
+        m, *sums = ctx.saved_tensors
         return _iterate_backward(grad, m, sums[: len(sums) // 2], sums[len(sums) // 2 :]), None
 
 
