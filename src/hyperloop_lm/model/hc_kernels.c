@@ -6,7 +6,7 @@ Loaded through ctypes by hyperloop_lm/model/hc_kernels.py, which compiles this f
 
 Why C: per token the matrices are tiny (n = 4 streams). In torch, Sinkhorn is ~300 vector ops, each a full
 pass over the batch in memory, and the mixing is a batched matmul of thousands of 4 x 5 matrices, which
-BLAS runs one small call at a time (~10x slower than one pass over the stream). Here Sinkhorn keeps a
+BLAS runs one small call at a time (several times slower than one pass over the stream). Here Sinkhorn keeps a
 block of BT tokens in L1 for all its iterations, and the mixing is one pass over each stream. */
 #include <stdint.h>
 #include <stdlib.h>
