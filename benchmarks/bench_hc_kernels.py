@@ -1,6 +1,6 @@
 """The HC-site kernels (model/hc_kernels.c) against the torch code they replace, forward + backward.
 
-Per mHC site, for a batch of 16 x 256 tokens (the configs' training batch) and 4 x 128 (a quarter),
+Per mHC site, for a batch of 16 x 256 tokens (the configs' training batch) and 4 x 128 (an eighth),
 n = 4 streams, fp32, one thread, at the small preset's width (d256): Sinkhorn (20 iterations), the write
 [H_res | post] @ [y; u] and the read pre . y. Kernel and torch code are timed alternately (same noise)
 and checked to agree.

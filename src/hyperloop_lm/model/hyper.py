@@ -29,7 +29,7 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     column then row normalisation, in fp32. Differentiable: the exact gradient of these iterations.
 
     On CPU the iterations run in a compiled C kernel (hc_kernels.py) when one can be built, else in the
-    torch code below; both round alike."""
+    torch code below; the two agree to rounding."""
     if iters < 1:
         raise ValueError(f"Sinkhorn needs at least one iteration, got {iters}")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
