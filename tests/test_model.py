@@ -190,6 +190,27 @@ def test_mhc_site_matches_direct_transcription():
     assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_hc_projection_backward_is_autograd_of_the_plain_formula():
+    """_project's hand-written backward (eager training) against autograd through W f and
+    rsqrt(mean(f^2) + eps), which no-grad and compiled code use; both outputs, both inputs."""
+    from hyperloop_lm.model.hyper import _project
+
+    torch.manual_seed(0)
+    f = torch.randn(3, 5, 2 * 8, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(7, 2 * 8, dtype=torch.float64, requires_grad=True)
+    gh, gr = torch.randn(3, 5, 7, dtype=torch.float64), torch.randn(3, 5, 1, dtype=torch.float64)
+    h, r = _project(f, W, 1e-6)
+    assert type(h.grad_fn).__name__ == "_ProjectionBackward"
+    ref_h, ref_r = F.linear(f, W), torch.rsqrt(f.square().mean(-1, keepdim=True) + 1e-6)
+    assert_close((h, r), (ref_h, ref_r))
+    got, want = (torch.autograd.grad((h * gh).sum() + (r * gr).sum(), (f, W)),
+                 torch.autograd.grad((ref_h * gh).sum() + (ref_r * gr).sum(), (f, W)))
+    assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda a, b: _project(a, b, 1e-6), (f, W))
+    with torch.no_grad():
+        assert_close(_project(f, W, 1e-6), (ref_h, ref_r))
+
+
 def test_loop_hc_site_matches_spec_equations():
     """Spec 2.1 for one token: pre/post/res from RMSNorm(flatten y); y_i <- res_i y_i + post_i u."""
     torch.manual_seed(0)

@@ -184,9 +184,7 @@ class HyperConnection(nn.Module):
         n = self.n
         with torch.autocast(device_type=y.device.type, enabled=False):
             f = _fp32(y.flatten(-2))
-            ms = torch.linalg.vector_norm(f, dim=-1, keepdim=True).square() / (n * self.dim)
-            inv_rms = torch.rsqrt(ms + self.eps)  # (..., 1)
-            h = F.linear(f, _fp32(self.weight))  # (..., rows)
+            h, inv_rms = _project(f, _fp32(self.weight), self.eps)  # (..., rows), (..., 1)
             gate, bias = _fp32(self.gate), _fp32(self.bias)
             k = 2 if self.res_kind == "sinkhorn" else len(gate)  # groups of n rows: pre, post[, diagonal res]
             g = torch.addcmul(bias[: k * n].view(k, n), h[..., : k * n].unflatten(-1, (k, n)),
@@ -229,6 +227,43 @@ class HyperConnection(nn.Module):
         """torch.compile the read and the write (not F, which the caller compiles as it sees fit)."""
         self._read = torch.compile(self._read, **kwargs)
         self._write = torch.compile(self._write, **kwargs)
+
+
+def _project(f: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """W f and 1 / rms(f) = 1 / sqrt(mean(f^2) + eps) over the last axis (keepdim)."""
+    if (torch.is_grad_enabled() and (f.requires_grad or weight.requires_grad) and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()):
+        return _Projection.apply(f, weight, eps)
+    return F.linear(f, weight), _inv_rms(f, eps)
+
+
+def _inv_rms(f: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(torch.linalg.vector_norm(f, dim=-1, keepdim=True).square() / f.shape[-1] + eps)
+
+
+class _Projection(torch.autograd.Function):
+    """Eager autograd writes three stream-sized gradients of f here (the matmul's, the norm's, and a
+    masked_fill for a zero norm that eps rules out) and then adds them; this backward writes one: the
+    norm's term -f r^3 / N, with the matmul's accumulated into it in place."""
+
+    @staticmethod
+    def forward(ctx, f: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        r = _inv_rms(f, eps)
+        ctx.save_for_backward(f, weight, r)
+        return F.linear(f, weight), r
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h: torch.Tensor, grad_r: torch.Tensor):
+        f, weight, r = ctx.saved_tensors
+        rows = grad_h.reshape(-1, grad_h.shape[-1])
+        grad_f = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_f = (f * (grad_r * r.pow(3) / -f.shape[-1])).contiguous()
+            grad_f.view(rows.shape[0], -1).addmm_(rows, weight)
+        if ctx.needs_input_grad[1]:
+            grad_weight = rows.T @ f.reshape(rows.shape[0], -1)
+        return grad_f, grad_weight, None
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
