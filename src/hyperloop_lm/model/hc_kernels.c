@@ -130,7 +130,7 @@ out[t] = M[t] @ Z[t] for every token t: M[t] is (r, k); Z[t] is k rows of length
 and, when u is given, one more row u[t]. The write of an mHC site is r = n, k = n + 1 (M = [H_res | post],
 Z = [y; u]); its read is r = 1, k = n (M = pre, Z = y). All arrays contiguous. */
 
-enum { LANES = 32 };  /* partial sums per dot product: two AVX-512 or four AVX2 registers of floats */
+enum { LANES = 16 };  /* partial sums per dot product: one AVX-512 or two AVX2 registers of floats */
 
 static const real *zrow(const real *y, const real *u, int64_t t, int j, int k1, int64_t C) {
     return j < k1 ? y + (t * k1 + j) * C : u + t * C;
@@ -154,9 +154,17 @@ void mix_forward(const real *M, const real *y, const real *u, real *out, int64_t
     }
 }
 
+/* Sum of LANES partial sums as a tree (a fixed order, log2(LANES) dependent adds, each level vectorised):
+a left-to-right sum would be a chain of LANES dependent scalar adds per dot product, the slowest part. */
+static real tree_sum(real *restrict lanes) {
+    for (int w = LANES / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) lanes[l] += lanes[l + w];
+    return lanes[0];
+}
+
 /* dM[t] = dout[t] @ Z[t]^T (r x k dot products over C); dZ[t] = M[t]^T @ dout[t], into dy (and du). */
 void mix_backward(const real *M, const real *y, const real *u, const real *dout, real *dM, real *dy, real *du,
-                  int64_t ntok, int r, int k1, int64_t C) {
+                 int64_t ntok, int r, int k1, int64_t C) {
     int k = k1 + (u != 0);
     for (int64_t t = 0; t < ntok; t++) {
         const real *Mt = M + t * r * k;
@@ -168,10 +176,9 @@ void mix_backward(const real *M, const real *y, const real *u, const real *dout,
                 int64_t c = 0;
                 for (; c + LANES <= C; c += LANES)
                     for (int l = 0; l < LANES; l++) lanes[l] += d[c + l] * z[c + l];
-                real acc = 0;
-                for (; c < C; c++) acc += d[c] * z[c];
-                for (int l = 0; l < LANES; l++) acc += lanes[l];
-                dM[(t * r + i) * k + j] = acc;
+                real tail = 0;
+                for (; c < C; c++) tail += d[c] * z[c];
+                dM[(t * r + i) * k + j] = tree_sum(lanes) + tail;
             }
         for (int j = 0; j < k; j++) {
             real *restrict dz = j < k1 ? dy + (t * k1 + j) * C : du + t * C;
