@@ -25,11 +25,21 @@ compiler vectorises without fast-math. */
 
 enum { BT = 64, MAXN = 16 };  /* Sinkhorn: tokens per block, largest n */
 
+#if defined(__GNUC__)
+#define INLINE static inline __attribute__((always_inline))
+#else
+#define INLINE static inline
+#endif
+
 static int64_t block_len(int64_t ntok, int64_t t0) { return ntok - t0 < BT ? ntok - t0 : BT; }
 
-static void gather(const real *src, real *restrict m, int64_t t0, int bt, int nn) {
+/* A block always has BT lanes: the last block's missing tokens are padding (pad = 1 keeps its sums nonzero),
+so every loop over t has a fixed trip count and no remainder. */
+static void gather(const real *src, real *restrict m, int64_t t0, int bt, int nn, real pad) {
     for (int t = 0; t < bt; t++)
         for (int k = 0; k < nn; k++) m[k * BT + t] = src[(t0 + t) * nn + k];
+    for (int k = 0; k < nn; k++)
+        for (int t = bt; t < BT; t++) m[k * BT + t] = pad;
 }
 
 static void scatter(const real *restrict m, real *dst, int64_t t0, int bt, int nn) {
@@ -38,37 +48,37 @@ static void scatter(const real *restrict m, real *dst, int64_t t0, int bt, int n
 }
 
 /* Entry (a, b) of the block's matrices: column a, row b for a column step; row a, column b for a row step. */
-static int entry(int n, int cols, int a, int b) { return (cols ? b * n + a : a * n + b) * BT; }
+INLINE int entry(int n, int cols, int a, int b) { return (cols ? b * n + a : a * n + b) * BT; }
 
 /* One normalisation (columns or rows): the sums go to s (n x BT), then every entry is divided by its sum
 (times the reciprocal: divisions would bound the speed; the result differs from x / s by at most an ulp). */
-static void normalise(real *restrict m, real *restrict s, int n, int bt, int cols) {
+INLINE void normalise(real *restrict m, real *restrict s, int n, int cols) {
     for (int a = 0; a < n; a++) {
         real *restrict sa = s + a * BT;
-        for (int t = 0; t < bt; t++) sa[t] = m[entry(n, cols, a, 0) + t];
+        for (int t = 0; t < BT; t++) sa[t] = m[entry(n, cols, a, 0) + t];
         for (int b = 1; b < n; b++)
-            for (int t = 0; t < bt; t++) sa[t] += m[entry(n, cols, a, b) + t];
+            for (int t = 0; t < BT; t++) sa[t] += m[entry(n, cols, a, b) + t];
         real r[BT];
-        for (int t = 0; t < bt; t++) r[t] = 1 / sa[t];
+        for (int t = 0; t < BT; t++) r[t] = 1 / sa[t];
         for (int b = 0; b < n; b++)
-            for (int t = 0; t < bt; t++) m[entry(n, cols, a, b) + t] *= r[t];
+            for (int t = 0; t < BT; t++) m[entry(n, cols, a, b) + t] *= r[t];
     }
 }
 
 /* Backward of one normalisation out = in / s: g <- (g - sum(g * out)) / s, and m <- m * s (out back to in). */
-static void normalise_backward(real *restrict g, real *restrict m, const real *restrict s, int n, int bt, int cols) {
+INLINE void normalise_backward(real *restrict g, real *restrict m, const real *restrict s, int n, int cols) {
     real acc[BT];
     for (int a = 0; a < n; a++) {
         const real *restrict sa = s + a * BT;
-        for (int t = 0; t < bt; t++) acc[t] = g[entry(n, cols, a, 0) + t] * m[entry(n, cols, a, 0) + t];
+        for (int t = 0; t < BT; t++) acc[t] = g[entry(n, cols, a, 0) + t] * m[entry(n, cols, a, 0) + t];
         for (int b = 1; b < n; b++)
-            for (int t = 0; t < bt; t++) acc[t] += g[entry(n, cols, a, b) + t] * m[entry(n, cols, a, b) + t];
-        for (int t = 0; t < bt; t++) acc[t] = -acc[t];
+            for (int t = 0; t < BT; t++) acc[t] += g[entry(n, cols, a, b) + t] * m[entry(n, cols, a, b) + t];
+        for (int t = 0; t < BT; t++) acc[t] = -acc[t];
         real r[BT];
-        for (int t = 0; t < bt; t++) r[t] = 1 / sa[t];
+        for (int t = 0; t < BT; t++) r[t] = 1 / sa[t];
         for (int b = 0; b < n; b++) {
             int e = entry(n, cols, a, b);
-            for (int t = 0; t < bt; t++) {
+            for (int t = 0; t < BT; t++) {
                 g[e + t] = (g[e + t] + acc[t]) * r[t];
                 m[e + t] *= sa[t];
             }
@@ -76,17 +86,33 @@ static void normalise_backward(real *restrict g, real *restrict m, const real *r
     }
 }
 
+/* The iterations on one block, keeping each step's sums when sums != 0. */
+INLINE void iterate(real *restrict m, real *restrict sums, int n, int iters, int keep) {
+    for (int it = 0; it < iters; it++) {
+        normalise(m, sums + (keep ? 2 * it : 0) * n * BT, n, 1);
+        normalise(m, sums + (keep ? 2 * it + 1 : 0) * n * BT, n, 0);
+    }
+}
+
+INLINE void iterate_backward(real *restrict g, real *restrict m, const real *restrict sums, int n, int iters) {
+    for (int it = iters - 1; it >= 0; it--) {
+        normalise_backward(g, m, sums + (2 * it + 1) * n * BT, n, 0);
+        normalise_backward(g, m, sums + (2 * it) * n * BT, n, 1);
+    }
+}
+
+/* n = 4 (the default stream count) gets its own copy with n a constant: the loops over a and b unroll. */
+#define BY_N(n, call_with_n) do { if ((n) == 4) { call_with_n(4); } else { call_with_n(n); } } while (0)
+
 /* m0, out: (ntok, n, n) contiguous; m0 = exp(logits - max) > 0. Returns 0, or -1 if n is out of range. */
 int sinkhorn_forward(const real *m0, real *out, int64_t ntok, int n, int iters) {
     if (n < 1 || n > MAXN) return -1;
     real m[MAXN * MAXN * BT], s[MAXN * BT];
     for (int64_t t0 = 0; t0 < ntok; t0 += BT) {
         int bt = (int)block_len(ntok, t0);
-        gather(m0, m, t0, bt, n * n);
-        for (int it = 0; it < iters; it++) {
-            normalise(m, s, n, bt, 1);
-            normalise(m, s, n, bt, 0);
-        }
+        gather(m0, m, t0, bt, n * n, 1);
+#define FORWARD(N) iterate(m, s, N, iters, 0)
+        BY_N(n, FORWARD);
         scatter(m, out, t0, bt, n * n);
     }
     return 0;
@@ -105,19 +131,12 @@ int sinkhorn_backward(const real *grad, const real *m0, real *grad_logits, int64
     real *g = m + block, *e = g + block, *sums = e + block;
     for (int64_t t0 = 0; t0 < ntok; t0 += BT) {
         int bt = (int)block_len(ntok, t0);
-        gather(m0, e, t0, bt, nn);
-        gather(m0, m, t0, bt, nn);
-        for (int it = 0; it < iters; it++) {
-            normalise(m, sums + (2 * it) * n * BT, n, bt, 1);
-            normalise(m, sums + (2 * it + 1) * n * BT, n, bt, 0);
-        }
-        gather(grad, g, t0, bt, nn);
-        for (int it = iters - 1; it >= 0; it--) {
-            normalise_backward(g, m, sums + (2 * it + 1) * n * BT, n, bt, 0);
-            normalise_backward(g, m, sums + (2 * it) * n * BT, n, bt, 1);
-        }
-        for (int k = 0; k < nn; k++)  /* through the exp; the max-subtraction has no gradient */
-            for (int t = 0; t < bt; t++) g[k * BT + t] *= e[k * BT + t];
+        gather(m0, e, t0, bt, nn, 1);
+        gather(m0, m, t0, bt, nn, 1);
+        gather(grad, g, t0, bt, nn, 0);
+#define BACKWARD(N) do { iterate(m, sums, N, iters, 1); iterate_backward(g, m, sums, N, iters); } while (0)
+        BY_N(n, BACKWARD);
+        for (size_t k = 0; k < block; k++) g[k] *= e[k];  /* through the exp; the max-subtraction has no gradient */
         scatter(g, grad_logits, t0, bt, nn);
     }
     free(m);
