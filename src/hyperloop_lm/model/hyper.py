@@ -91,7 +91,7 @@ def _backward(grad: torch.Tensor, m0: torch.Tensor, iters: int) -> torch.Tensor:
 
 class _Sinkhorn(torch.autograd.Function):
     """Sinkhorn with a hand-written backward through every iteration, ~6x faster than autograd on CPU
-    (the torch code; the C kernel is ~2x faster again)."""
+    (the torch code; the C kernel is 2-3x faster again)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, iters: int) -> torch.Tensor:
