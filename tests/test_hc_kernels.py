@@ -83,6 +83,42 @@ def test_kernel_is_built_once_per_machine_and_reused(rebuild):
 
 
 @needs_cc
+def test_results_do_not_depend_on_the_thread_count(rebuild):
+    """The kernels run their token loops on torch's threads; every token is computed alike either way."""
+    torch.manual_seed(0)
+    m0 = hyper._exp_shifted(torch.randn(1000, 4, 4))  # above the kernels' parallel threshold, a partial block
+    g = torch.randn(1000, 4, 4)
+    M, y, u = torch.randn(1000, 4, 5), torch.randn(1000, 4, 40), torch.randn(1000, 40)
+    dout = torch.randn(1000, 4, 40)
+    M.requires_grad_(), y.requires_grad_(), u.requires_grad_()
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            out = hc_kernels.mix(M, y, u)
+            results.append((hc_kernels.sinkhorn_forward(m0, 20), hc_kernels.sinkhorn_backward(g, m0, 20), out,
+                            *torch.autograd.grad(out, (M, y, u), dout)))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_cc
+def test_a_compiler_without_openmp_builds_single_threaded_kernels(rebuild, monkeypatch):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    fake = rebuild / "cc-without-openmp"
+    fake.write_text(f'#!/bin/sh\nfor a; do [ "$a" = -fopenmp ] && exit 1; done\nexec {cc} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    assert hc_kernels.available()
+    assert len(list(rebuild.glob("kernels/*.so"))) == 1
+    logits = torch.randn(300, 4, 4, dtype=torch.float64)
+    assert_close(hyper.sinkhorn(logits), torch_code(logits, torch.zeros_like(logits), 20)[0], rtol=1e-12, atol=1e-13)
+
+
+@needs_cc
 def test_more_streams_than_the_kernel_handles_use_the_torch_code(rebuild):
     logits = torch.randn(3, 17, 17)
     assert not hyper._use_kernel(logits)

@@ -24,6 +24,10 @@ innermost (m[k * BT + t], k = i * n + j), so every loop over t is a run of indep
 compiler vectorises without fast-math. */
 
 enum { BT = 64, MAXN = 16 };  /* Sinkhorn: tokens per block, largest n */
+/* Built with -fopenmp (hc_kernels.py) the token loops run on torch's threads: torch's OpenMP runtime is the
+one already loaded, so torch.set_num_threads applies. Tokens are independent: results do not depend on the
+thread count. Below PARALLEL_MIN tokens one thread is cheaper than waking the others. */
+enum { PARALLEL_MIN = 256 };
 
 #if defined(__GNUC__)
 #define INLINE static inline __attribute__((always_inline))
@@ -107,13 +111,17 @@ INLINE void iterate_backward(real *restrict g, real *restrict m, const real *res
 /* m0, out: (ntok, n, n) contiguous; m0 = exp(logits - max) > 0. Returns 0, or -1 if n is out of range. */
 int sinkhorn_forward(const real *m0, real *out, int64_t ntok, int n, int iters) {
     if (n < 1 || n > MAXN) return -1;
-    real m[MAXN * MAXN * BT], s[MAXN * BT];
-    for (int64_t t0 = 0; t0 < ntok; t0 += BT) {
-        int bt = (int)block_len(ntok, t0);
-        gather(m0, m, t0, bt, n * n, 1);
+#pragma omp parallel if (ntok >= PARALLEL_MIN)
+    {
+        real m[MAXN * MAXN * BT], s[MAXN * BT];
+#pragma omp for schedule(static)
+        for (int64_t t0 = 0; t0 < ntok; t0 += BT) {
+            int bt = (int)block_len(ntok, t0);
+            gather(m0, m, t0, bt, n * n, 1);
 #define FORWARD(N) iterate(m, s, N, iters, 0)
-        BY_N(n, FORWARD);
-        scatter(m, out, t0, bt, n * n);
+            BY_N(n, FORWARD);
+            scatter(m, out, t0, bt, n * n);
+        }
     }
     return 0;
 }
@@ -123,24 +131,32 @@ per block (cheap here) to recover every step's sums, so nothing but m0 is kept b
 Returns 0, -1 if n is out of range, -2 if out of memory. */
 int sinkhorn_backward(const real *grad, const real *m0, real *grad_logits, int64_t ntok, int n, int iters) {
     if (n < 1 || n > MAXN) return -1;
-    int nn = n * n;
+    int nn = n * n, rc = 0;
     size_t block = (size_t)nn * BT;
-    /* three blocks (m, g, e), then every step's sums (iters, 2, n, BT) */
-    real *m = malloc(sizeof(real) * (3 * block + (size_t)(iters > 0 ? iters : 1) * 2 * n * BT));
-    if (!m) return -2;
-    real *g = m + block, *e = g + block, *sums = e + block;
-    for (int64_t t0 = 0; t0 < ntok; t0 += BT) {
-        int bt = (int)block_len(ntok, t0);
-        gather(m0, e, t0, bt, nn, 1);
-        gather(m0, m, t0, bt, nn, 1);
-        gather(grad, g, t0, bt, nn, 0);
+#pragma omp parallel if (ntok >= PARALLEL_MIN)
+    {
+        /* per thread: three blocks (m, g, e), then every step's sums (iters, 2, n, BT) */
+        real *m = malloc(sizeof(real) * (3 * block + (size_t)(iters > 0 ? iters : 1) * 2 * n * BT));
+        if (!m) {
+#pragma omp atomic write
+            rc = -2;
+        }
+        real *g = m + block, *e = g + block, *sums = e + block;
+#pragma omp for schedule(static)
+        for (int64_t t0 = 0; t0 < ntok; t0 += BT) {
+            if (!m) continue;
+            int bt = (int)block_len(ntok, t0);
+            gather(m0, e, t0, bt, nn, 1);
+            gather(m0, m, t0, bt, nn, 1);
+            gather(grad, g, t0, bt, nn, 0);
 #define BACKWARD(N) do { iterate(m, sums, N, iters, 1); iterate_backward(g, m, sums, N, iters); } while (0)
-        BY_N(n, BACKWARD);
-        for (size_t k = 0; k < block; k++) g[k] *= e[k];  /* through the exp; the max-subtraction has no gradient */
-        scatter(g, grad_logits, t0, bt, nn);
+            BY_N(n, BACKWARD);
+            for (size_t k = 0; k < block; k++) g[k] *= e[k];  /* through the exp; the max-subtraction has no gradient */
+            scatter(g, grad_logits, t0, bt, nn);
+        }
+        free(m);
     }
-    free(m);
-    return 0;
+    return rc;
 }
 
 /* ---------------------------------------------------------------- stream mixing
@@ -157,6 +173,7 @@ static const real *zrow(const real *y, const real *u, int64_t t, int j, int k1, 
 
 void mix_forward(const real *M, const real *y, const real *u, real *out, int64_t ntok, int r, int k1, int64_t C) {
     int k = k1 + (u != 0);
+#pragma omp parallel for schedule(static) if (ntok >= PARALLEL_MIN)
     for (int64_t t = 0; t < ntok; t++) {
         const real *Mt = M + t * r * k;
         for (int i = 0; i < r; i++) {
@@ -185,6 +202,7 @@ static real tree_sum(real *restrict lanes) {
 void mix_backward(const real *M, const real *y, const real *u, const real *dout, real *dM, real *dy, real *du,
                  int64_t ntok, int r, int k1, int64_t C) {
     int k = k1 + (u != 0);
+#pragma omp parallel for schedule(static) if (ntok >= PARALLEL_MIN)
     for (int64_t t = 0; t < ntok; t++) {
         const real *Mt = M + t * r * k;
         const real *dt = dout + t * r * C;

@@ -131,20 +131,31 @@ def _library(dtype: torch.dtype) -> ctypes.CDLL | None:
 
 
 def _build(c_type: str) -> Path:
-    """The cached shared library for this source, compiler, flags and CPU; compiled if missing."""
+    """The cached shared library for this source, compiler, flags and CPU; compiled if missing. With OpenMP
+    where the compiler has it (the kernels then use torch's threads), else single-threaded."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise OSError("no C compiler found (install gcc, or set CC)")
-    flags = (*_FLAGS, f"-DREAL={c_type}")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags, _cpu_features()]).encode()).hexdigest()
-    lib = data_dir() / "kernels" / f"hc-{c_type}-{key[:16]}.so"
-    if not lib.exists():
-        with atomic_path(lib) as tmp:  # concurrent builders (DDP ranks) each rename a whole file into place
-            r = subprocess.run([cc, *flags, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300)
-            if r.returncode:
-                raise OSError(f"{cc} failed: {r.stderr.strip()[-500:]}")
-    return lib
+    for threads in (("-fopenmp",), ()):
+        flags = (*_FLAGS, *threads, f"-DREAL={c_type}")
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags, _cpu_features()]).encode()).hexdigest()
+        lib = data_dir() / "kernels" / f"hc-{c_type}-{key[:16]}.so"
+        try:
+            if not lib.exists():
+                _compile(cc, flags, lib)
+            return lib
+        except OSError:
+            if not threads:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _compile(cc: str, flags: tuple[str, ...], lib: Path) -> None:
+    with atomic_path(lib) as tmp:  # concurrent builders (DDP ranks) each rename a whole file into place
+        r = subprocess.run([cc, *flags, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if r.returncode:
+            raise OSError(f"{cc} failed: {r.stderr.strip()[-500:]}")
 
 
 def _cpu_features() -> str:
