@@ -90,7 +90,7 @@ INLINE void normalise_backward(real *restrict g, real *restrict m, const real *r
     }
 }
 
-/* The iterations on one block, keeping each step's sums when sums != 0. */
+/* The iterations on one block: with keep, each step's sums go to their own slot of sums (for the backward). */
 INLINE void iterate(real *restrict m, real *restrict sums, int n, int iters, int keep) {
     for (int it = 0; it < iters; it++) {
         normalise(m, sums + (keep ? 2 * it : 0) * n * BT, n, 1);
@@ -200,7 +200,7 @@ static real tree_sum(real *restrict lanes) {
 
 /* dM[t] = dout[t] @ Z[t]^T (r x k dot products over C); dZ[t] = M[t]^T @ dout[t], into dy (and du). */
 void mix_backward(const real *M, const real *y, const real *u, const real *dout, real *dM, real *dy, real *du,
-                 int64_t ntok, int r, int k1, int64_t C) {
+                  int64_t ntok, int r, int k1, int64_t C) {
     int k = k1 + (u != 0);
 #pragma omp parallel for schedule(static) if (ntok >= PARALLEL_MIN)
     for (int64_t t = 0; t < ntok; t++) {

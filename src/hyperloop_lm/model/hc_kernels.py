@@ -1,7 +1,8 @@
 """CPU kernels for the hyper-connection sites (hc_kernels.c): Sinkhorn and the per-token stream mixing,
 forward and backward. Built on first use with the system C compiler (with OpenMP if it has it: the token
-loops then run on torch's threads), cached per machine under `data_dir()/kernels`, called through ctypes. `python -m benchmarks.bench_hc_kernels` times them against
-the torch code they replace (1.5-3.4x forward + backward, reports/bench/hc_kernels.json).
+loops then run on torch's threads), cached per machine under `data_dir()/kernels`, called through ctypes.
+`python -m benchmarks.bench_hc_kernels` times them against the torch code they replace (1.3-3.4x forward +
+backward, reports/bench/hc_kernels.json).
 
 hyper.py uses them on CPU for fp32 / fp64 outside torch.compile (inductor fuses the mixing itself),
 TorchScript tracing (ONNX export) and dispatch modes (FLOP counting). If no compiler is found or the build
