@@ -2,8 +2,8 @@
 
 Per mHC site, for a batch of 16 x 256 tokens (the configs' training batch) and 4 x 128 (an eighth),
 n = 4 streams, fp32, one thread, at the small preset's width (d256): Sinkhorn (20 iterations), the write
-[H_res | post] @ [y; u] and the read pre . y. Kernel and torch code are timed alternately (same noise)
-and checked to agree.
+[H_res | post] @ [y; u] and the read pre . y; and the write of a Hyperloop site, res * y + post * u
+(diagonal res). Kernel and torch code are timed alternately (same noise) and checked to agree.
 """
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def _write(kernel: bool, coef, y, u, g):
 def _read(kernel: bool, pre, y, g):
     out = hc_kernels.mix(pre.unsqueeze(-2), y).squeeze(-2) if kernel else (pre.unsqueeze(-2) @ y).squeeze(-2)
     return torch.autograd.grad(out, (pre, y), g)
+
+
+def _diagonal_write(kernel: bool, res, post, y, u, g):
+    if kernel:
+        out = hc_kernels.scale_add(res, post, y, u)
+    else:
+        out = torch.addcmul(res.unsqueeze(-1) * y, post.unsqueeze(-1), u.unsqueeze(-2))
+    return torch.autograd.grad(out, (res, post, y, u), g)
 
 
 def _time(fn: Callable[[bool], object], reps: int) -> dict:
@@ -66,7 +74,8 @@ def run(quick: bool = False, batches: tuple[tuple[int, int], ...] = ((16, 256), 
         pre = torch.rand(*lead, n, requires_grad=True)
         ops = {"sinkhorn": lambda k: _sinkhorn(k, x, gx),
                "write": lambda k: _write(k, coef, y, u, torch.ones(*lead, n, d)),
-               "read": lambda k: _read(k, pre, y, torch.ones(*lead, d))}
+               "read": lambda k: _read(k, pre, y, torch.ones(*lead, d)),
+               "diagonal write": lambda k: _diagonal_write(k, pre, coef[..., 0], y, u, torch.ones(*lead, n, d))}
         for name, fn in ops.items():
             r = results.setdefault(name, {})[B * T] = _time(fn, reps)
             rows.append(f"| {name} | {B * T} | {r['ms']['torch']:.2f} | {r['ms']['kernel']:.2f} | {r['speedup']:.1f}x |")

@@ -97,8 +97,9 @@ def test_results_do_not_depend_on_the_thread_count(rebuild):
         for threads in (1, 3):
             torch.set_num_threads(threads)
             out = hc_kernels.mix(M, y, u)
+            diag = hc_kernels.scale_add(M[..., 0], M[..., 1], y, u)
             results.append((hc_kernels.sinkhorn_forward(m0, 20), hc_kernels.sinkhorn_backward(g, m0, 20), out,
-                            *torch.autograd.grad(out, (M, y, u), dout)))
+                            *torch.autograd.grad(out, (M, y, u), dout), diag, *torch.autograd.grad(diag, (M, y, u), dout)))
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*results):
@@ -151,13 +152,39 @@ def test_mix_matches_the_batched_matmul_forward_and_backward(dtype, rebuild):
 
 
 @needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scale_add_matches_autograd_of_the_broadcast_formula(dtype, rebuild):
+    """out = a y + b u per stream (the diagonal write) and a = None (the identity), for odd widths and leading
+    axes; every gradient against autograd of the broadcast expression hyper.py runs without kernels."""
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.manual_seed(0)
+    for lead, n, C, with_a in (((2, 7), 4, 33, True), ((5,), 4, 64, False), ((3, 2), 3, 1, True), ((1,), 1, 17, True)):
+        a = torch.rand(*lead, n, dtype=dtype, requires_grad=True) if with_a else None
+        b = torch.randn(*lead, n, dtype=dtype, requires_grad=True)
+        y = torch.randn(*lead, n, C, dtype=dtype, requires_grad=True)
+        u = torch.randn(*lead, C, dtype=dtype, requires_grad=True)
+        g = torch.randn(*lead, n, C, dtype=dtype)
+        inputs = (a, b, y, u) if with_a else (b, y, u)
+        ref = torch.addcmul(a.unsqueeze(-1) * y if with_a else y, b.unsqueeze(-1), u.unsqueeze(-2))
+        out = hc_kernels.scale_add(a, b, y, u)
+        assert_close(out, ref, **tol)
+        for got, want in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
+            assert_close(got, want, **tol)
+    if dtype == torch.float64:
+        shapes = ((3, 4), (3, 4), (3, 4, 9), (3, 9))
+        args = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+        assert torch.autograd.gradcheck(hc_kernels.scale_add, args)
+        assert torch.autograd.gradcheck(hc_kernels.scale_add, [None, *args[1:]])
+
+
+@needs_cc
 def test_mhc_and_hyperloop_sites_match_their_torch_code(rebuild, monkeypatch):
     """A whole HC site (read, F, write), values and every gradient, with the kernels and without."""
     from hyperloop_lm.config import ModelConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=97, d_model=32, n_heads=4, max_seq_len=64, n_begin=1, n_middle=2, n_end=1, loops=3)
-    for res_kind in ("sinkhorn", "diagonal"):
+    for res_kind in ("sinkhorn", "diagonal", "identity"):
         site = hyper.HyperConnection.from_config(cfg, res_kind)
         with torch.no_grad():
             for p in site.parameters():

@@ -1,5 +1,6 @@
-/* CPU kernels for the hyper-connection sites (hyper.py): Sinkhorn-Knopp on many small n x n matrices, and
-the per-token stream mixing out[t] = M[t] @ Z[t]; each with its exact backward.
+/* CPU kernels for the hyper-connection sites (hyper.py): Sinkhorn-Knopp on many small n x n matrices, the
+per-token stream mixing out[t] = M[t] @ Z[t] (mHC) and the diagonal write a * y + b * u (Hyperloop); each with
+its exact backward.
 
 Loaded through ctypes by hyperloop_lm/model/hc_kernels.py, which compiles this file once per machine with
 -DREAL=float or -DREAL=double.
@@ -225,6 +226,60 @@ void mix_backward(const real *M, const real *y, const real *u, const real *dout,
                 const real *restrict d = dt + i * C;
                 a = Mt[i * k + j];
                 for (int64_t c = 0; c < C; c++) dz[c] += a * d[c];
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- diagonal write
+
+The write of a Hyperloop site: out[t, i] = a[t, i] y[t, i] + b[t, i] u[t] for each of the n streams, where
+a is the per-stream decay (NULL: 1, the identity) and b the post gains. One pass over the streams where
+autograd makes about ten (a product, a broadcast multiply-add, and in the backward four products and three
+reductions, each over all of them). */
+
+void scale_add_forward(const real *a, const real *b, const real *y, const real *u, real *out, int64_t ntok, int n,
+                       int64_t C) {
+#pragma omp parallel for schedule(static) if (ntok >= PARALLEL_MIN)
+    for (int64_t t = 0; t < ntok; t++)
+        for (int i = 0; i < n; i++) {
+            const real *restrict yi = y + (t * n + i) * C, *restrict ut = u + t * C;
+            real *restrict o = out + (t * n + i) * C, ai = a ? a[t * n + i] : 1, bi = b[t * n + i];
+            for (int64_t c = 0; c < C; c++) o[c] = yi[c] * ai + ut[c] * bi;
+        }
+}
+
+static real dot(const real *restrict x, const real *restrict z, int64_t C) {
+    real lanes[LANES] = {0};
+    int64_t c = 0;
+    for (; c + LANES <= C; c += LANES)
+        for (int l = 0; l < LANES; l++) lanes[l] += x[c + l] * z[c + l];
+    real tail = 0;
+    for (; c < C; c++) tail += x[c] * z[c];
+    return tree_sum(lanes) + tail;
+}
+
+/* Given dout: da[t, i] = <dout[t, i], y[t, i]> and dy[t, i] = a[t, i] dout[t, i] (both only if a: for the
+identity dy is dout itself), db[t, i] = <dout[t, i], u[t]>, du[t] = sum_i b[t, i] dout[t, i]. */
+void scale_add_backward(const real *a, const real *b, const real *y, const real *u, const real *dout, real *da,
+                        real *db, real *dy, real *du, int64_t ntok, int n, int64_t C) {
+#pragma omp parallel for schedule(static) if (ntok >= PARALLEL_MIN)
+    for (int64_t t = 0; t < ntok; t++) {
+        const real *restrict ut = u + t * C;
+        real *restrict dut = du + t * C;
+        for (int i = 0; i < n; i++) {
+            const real *restrict d = dout + (t * n + i) * C;
+            real bi = b[t * n + i];
+            db[t * n + i] = dot(d, ut, C);
+            if (i == 0)
+                for (int64_t c = 0; c < C; c++) dut[c] = bi * d[c];
+            else
+                for (int64_t c = 0; c < C; c++) dut[c] += bi * d[c];
+            if (a) {
+                const real *restrict yi = y + (t * n + i) * C;
+                real ai = a[t * n + i], *restrict dyi = dy + (t * n + i) * C;
+                da[t * n + i] = dot(d, yi, C);
+                for (int64_t c = 0; c < C; c++) dyi[c] = ai * d[c];
             }
         }
     }

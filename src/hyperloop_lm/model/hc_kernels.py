@@ -1,10 +1,10 @@
-"""CPU kernels for the hyper-connection sites (hc_kernels.c): Sinkhorn and the per-token stream mixing,
-forward and backward. Built on first use with the system C compiler (with OpenMP if it has it: the token
-loops then run on torch's threads), cached per machine under `data_dir()/kernels`, called through ctypes.
-`python -m benchmarks.bench_hc_kernels` times them against the torch code they replace (1.3-3.4x forward +
-backward, reports/bench/hc_kernels.json).
+"""CPU kernels for the hyper-connection sites (hc_kernels.c): Sinkhorn, the per-token stream mixing of mHC
+and the diagonal write of Hyperloop, forward and backward. Built on first use with the system C compiler
+(with OpenMP if it has it: the token loops then run on torch's threads), cached per machine under
+`data_dir()/kernels`, called through ctypes. `python -m benchmarks.bench_hc_kernels` times them against the
+torch code they replace (reports/bench/hc_kernels.json).
 
-hyper.py uses them on CPU for fp32 / fp64 outside torch.compile (inductor fuses the mixing itself),
+hyper.py uses them on CPU for fp32 / fp64 except under torch.compile (inductor fuses the mixing itself),
 TorchScript tracing (ONNX export) and dispatch modes (FLOP counting). If no compiler is found or the build
 fails, `available()` is False, one warning says why, and hyper.py runs its torch code: same results to
 rounding, slower. HYPERLOOP_LM_KERNELS=torch forces that path.
@@ -102,6 +102,37 @@ class _Mix(torch.autograd.Function):
         return dM, dy, du
 
 
+def scale_add(a: torch.Tensor | None, b: torch.Tensor, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """a (..., n) * y (..., n, C) + b (..., n) * u (..., C) per stream, in one pass; a None stands for 1.
+    The write of a diagonal (or identity) HC site. Differentiable in a, b, y and u."""
+    return _ScaleAdd.apply(a, b, y, u)
+
+
+class _ScaleAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, y, u):
+        a, b, y, u = None if a is None else a.contiguous(), b.contiguous(), y.contiguous(), u.contiguous()
+        out = torch.empty_like(y)
+        n, C = y.shape[-2:]
+        _library(y.dtype).scale_add_forward(_ptr(a), b.data_ptr(), y.data_ptr(), u.data_ptr(), out.data_ptr(),
+                                            y.numel() // (n * C), n, C)
+        ctx.save_for_backward(a, b, y, u)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        a, b, y, u = ctx.saved_tensors
+        grad = grad.to(y.dtype).contiguous()
+        db, du = torch.empty_like(b), torch.empty_like(u)
+        da, dy = (None, grad) if a is None else (torch.empty_like(a), torch.empty_like(y))  # identity: dy = grad
+        n, C = y.shape[-2:]
+        _library(y.dtype).scale_add_backward(_ptr(a), b.data_ptr(), y.data_ptr(), u.data_ptr(), grad.data_ptr(), _ptr(da),
+                                             db.data_ptr(), _ptr(None if a is None else dy), du.data_ptr(),
+                                             y.numel() // (n * C), n, C)
+        return da, db, dy, du
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -124,10 +155,11 @@ def _library(dtype: torch.dtype) -> ctypes.CDLL | None:
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.sinkhorn_forward.argtypes = (ptr, ptr, i64, i32, i32)
     lib.sinkhorn_backward.argtypes = (ptr, ptr, ptr, i64, i32, i32)
-    lib.mix_forward.argtypes = (ptr, ptr, ptr, ptr, i64, i32, i32, i64)
-    lib.mix_forward.restype = None
-    lib.mix_backward.argtypes = (ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i32, i32, i64)
-    lib.mix_backward.restype = None
+    for name, args in (("mix_forward", (ptr, ptr, ptr, ptr, i64, i32, i32, i64)),
+                       ("mix_backward", (ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i32, i32, i64)),
+                       ("scale_add_forward", (ptr, ptr, ptr, ptr, ptr, i64, i32, i64)),
+                       ("scale_add_backward", (ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i32, i64))):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
     return lib
 
 
