@@ -98,8 +98,9 @@ def test_results_do_not_depend_on_the_thread_count(rebuild):
             torch.set_num_threads(threads)
             out = hc_kernels.mix(M, y, u)
             diag = hc_kernels.scale_add(M[..., 0], M[..., 1], y, u)
-            results.append((hc_kernels.sinkhorn_forward(m0, 20), hc_kernels.sinkhorn_backward(g, m0, 20), out,
-                            *torch.autograd.grad(out, (M, y, u), dout), diag, *torch.autograd.grad(diag, (M, y, u), dout)))
+            results.append((hc_kernels.sinkhorn_forward(m0, 20), hc_kernels.sinkhorn_backward(g, m0, 20),
+                            out, *torch.autograd.grad(out, (M, y, u), dout),
+                            diag, *torch.autograd.grad(diag, (M, y, u), dout)))
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*results):

@@ -127,9 +127,9 @@ class _ScaleAdd(torch.autograd.Function):
         db, du = torch.empty_like(b), torch.empty_like(u)
         da, dy = (None, grad) if a is None else (torch.empty_like(a), torch.empty_like(y))  # identity: dy = grad
         n, C = y.shape[-2:]
-        _library(y.dtype).scale_add_backward(_ptr(a), b.data_ptr(), y.data_ptr(), u.data_ptr(), grad.data_ptr(), _ptr(da),
-                                             db.data_ptr(), _ptr(None if a is None else dy), du.data_ptr(),
-                                             y.numel() // (n * C), n, C)
+        _library(y.dtype).scale_add_backward(_ptr(a), b.data_ptr(), y.data_ptr(), u.data_ptr(), grad.data_ptr(),
+                                             _ptr(da), db.data_ptr(), _ptr(None if a is None else dy),
+                                             du.data_ptr(), y.numel() // (n * C), n, C)
         return da, db, dy, du
 
 

@@ -220,7 +220,8 @@ class HyperConnection(nn.Module):
             if hc_kernels.worth_mixing(y, coef, u):
                 return hc_kernels.mix(coef, y, u)
             return coef @ torch.cat([y, u.unsqueeze(-2)], -2)
-        if not torch.compiler.is_compiling() and hc_kernels.worth_mixing(y, half_post, u, *([] if res is None else [res])):
+        coefs = (half_post,) if res is None else (half_post, res)
+        if not torch.compiler.is_compiling() and hc_kernels.worth_mixing(y, u, *coefs):
             return hc_kernels.scale_add(res, 2 * half_post, y, u)  # eager CPU: one pass, not ~10 of autograd
         kept = y if res is None else res.unsqueeze(-1) * y  # identity, or diagonal decay
         return torch.addcmul(kept, half_post.unsqueeze(-1), u.unsqueeze(-2), value=2)
