@@ -199,6 +199,17 @@ static real tree_sum(real *restrict lanes) {
     return lanes[0];
 }
 
+/* <x, z> over C: LANES independent partial sums (the compiler vectorises them), then their tree sum. */
+static real dot(const real *restrict x, const real *restrict z, int64_t C) {
+    real lanes[LANES] = {0};
+    int64_t c = 0;
+    for (; c + LANES <= C; c += LANES)
+        for (int l = 0; l < LANES; l++) lanes[l] += x[c + l] * z[c + l];
+    real tail = 0;
+    for (; c < C; c++) tail += x[c] * z[c];
+    return tree_sum(lanes) + tail;
+}
+
 /* dM[t] = dout[t] @ Z[t]^T (r x k dot products over C); dZ[t] = M[t]^T @ dout[t], into dy (and du). */
 void mix_backward(const real *M, const real *y, const real *u, const real *dout, real *dM, real *dy, real *du,
                   int64_t ntok, int r, int k1, int64_t C) {
@@ -208,16 +219,7 @@ void mix_backward(const real *M, const real *y, const real *u, const real *dout,
         const real *Mt = M + t * r * k;
         const real *dt = dout + t * r * C;
         for (int i = 0; i < r; i++)
-            for (int j = 0; j < k; j++) {
-                const real *restrict z = zrow(y, u, t, j, k1, C), *restrict d = dt + i * C;
-                real lanes[LANES] = {0};  /* independent partial sums: the compiler vectorises them */
-                int64_t c = 0;
-                for (; c + LANES <= C; c += LANES)
-                    for (int l = 0; l < LANES; l++) lanes[l] += d[c + l] * z[c + l];
-                real tail = 0;
-                for (; c < C; c++) tail += d[c] * z[c];
-                dM[(t * r + i) * k + j] = tree_sum(lanes) + tail;
-            }
+            for (int j = 0; j < k; j++) dM[(t * r + i) * k + j] = dot(dt + i * C, zrow(y, u, t, j, k1, C), C);
         for (int j = 0; j < k; j++) {
             real *restrict dz = j < k1 ? dy + (t * k1 + j) * C : du + t * C;
             real a = Mt[j];
@@ -247,16 +249,6 @@ void scale_add_forward(const real *a, const real *b, const real *y, const real *
             real *restrict o = out + (t * n + i) * C, ai = a ? a[t * n + i] : 1, bi = b[t * n + i];
             for (int64_t c = 0; c < C; c++) o[c] = yi[c] * ai + ut[c] * bi;
         }
-}
-
-static real dot(const real *restrict x, const real *restrict z, int64_t C) {
-    real lanes[LANES] = {0};
-    int64_t c = 0;
-    for (; c + LANES <= C; c += LANES)
-        for (int l = 0; l < LANES; l++) lanes[l] += x[c + l] * z[c + l];
-    real tail = 0;
-    for (; c < C; c++) tail += x[c] * z[c];
-    return tree_sum(lanes) + tail;
 }
 
 /* Given dout: da[t, i] = <dout[t, i], y[t, i]> and dy[t, i] = a[t, i] dout[t, i] (both only if a: for the
