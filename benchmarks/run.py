@@ -36,6 +36,19 @@ def summarize(name: str, r: dict) -> list[str]:
     return lines + [""]
 
 
+def cpu_model() -> str:
+    """The CPU's model name and widest vector extension (/proc/cpuinfo on Linux): ratios of memory-bound HC
+    sites to matmul-bound layers differ between machines, so a result should say which it came from."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    simd = next((f for f in ("avx512f", "avx2", "avx") if f in flags), None)
+    return f"{name}, {simd}" if simd else name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -48,7 +61,7 @@ def main() -> None:
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     kept = False if a.default_allocator else keep_freed_memory()
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+    machine = {"platform": platform.platform(), "processor": platform.processor() or cpu_model(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "keep_freed_memory": kept,
                "hc_kernels": hc_kernels.available()}
     flags = " --default-allocator" if a.default_allocator else ""
