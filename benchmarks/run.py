@@ -2,6 +2,8 @@
 
     python -m benchmarks.run [--quick] [--only train_step,decode] [--default-allocator --out DIR]
 
+`site_cost` splits the HC families' overhead into coefficients and stream mixing (benchmarks/bench_site_cost.py).
+
 Like `hyperloop-lm train`, the run keeps freed memory in the process (hyperloop_lm.utils.keep_freed_memory);
 `--default-allocator` measures with glibc's defaults instead (write it elsewhere with --out to compare).
 """
@@ -19,7 +21,8 @@ from hyperloop_lm.model import hc_kernels
 from hyperloop_lm.utils import atomic_write_text, keep_freed_memory
 
 BENCHMARKS = {"train_step": "benchmarks.bench_train", "train_step_compiled": "benchmarks.bench_train_compiled",
-              "decode": "benchmarks.bench_decode", "hc_kernels": "benchmarks.bench_hc_kernels"}
+              "site_cost": "benchmarks.bench_site_cost", "decode": "benchmarks.bench_decode",
+              "hc_kernels": "benchmarks.bench_hc_kernels"}
 
 
 def summarize(name: str, r: dict) -> list[str]:
